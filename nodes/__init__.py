@@ -1,0 +1,16 @@
+"""The pack's ComfyUI nodes (V3 API). Thin: each one validates its inputs and calls perfusion_ops."""
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import PerfusionApplyConcept
+from .combine import PerfusionCombineConcepts
+from .common import register_concept_folder
+from .concept_io import PerfusionLoadConcept, PerfusionSaveConcept
+
+register_concept_folder()
+
+NODES = [PerfusionLoadConcept, PerfusionSaveConcept, PerfusionApplyConcept, PerfusionCombineConcepts]
+
+
+class PerfusionExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

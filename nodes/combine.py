@@ -1,0 +1,52 @@
+"""Combine several concepts into one set."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..perfusion_ops.concept import ConceptSet
+from .common import CATEGORY, PerfusionConcept
+
+MAX_INPUTS = 8
+log = logging.getLogger(__name__)
+
+
+def combine(sets: list[ConceptSet]) -> ConceptSet:
+    concepts = [c for s in sets for c in s.concepts]
+    names = [c.name for c in concepts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Concept(s) {duplicates} appear more than once; each concept can be combined only once.")
+    archs = sorted({c.arch for c in concepts})
+    if len(archs) > 1:
+        raise ValueError("Concepts for different architectures cannot be combined: "
+                         + ", ".join(f"{c.name} ({c.arch})" for c in concepts))
+    covariances = sorted({c.covariance for c in concepts})
+    if len(covariances) > 1:
+        log.warning("Perfusion: concepts %s were estimated with different covariances (%s); their gates are "
+                    "calibrated differently.", names, covariances)
+    return ConceptSet(tuple(concepts))
+
+
+class PerfusionCombineConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        optional = [PerfusionConcept.Input(f"concept_{i}", optional=True, tooltip="Another concept (optional).")
+                    for i in range(3, MAX_INPUTS + 1)]
+        return io.Schema(
+            node_id="PerfusionCombineConcepts",
+            display_name="Perfusion Combine Concepts",
+            category=f"{CATEGORY}/apply",
+            description="Puts several concepts into one set for Perfusion Apply Concept, which then edits the model "
+                        "for all of them jointly, each with its own gate. Sets can be combined again.",
+            inputs=[PerfusionConcept.Input("concept_1", tooltip="A concept or a set."),
+                    PerfusionConcept.Input("concept_2", tooltip="A concept or a set."), *optional],
+            outputs=[PerfusionConcept.Output(display_name="concepts", tooltip="All the concepts, as one set.")],
+        )
+
+    @classmethod
+    def execute(cls, concept_1, concept_2, **more) -> io.NodeOutput:
+        sets = [concept_1, concept_2] + [more[f"concept_{i}"] for i in range(3, MAX_INPUTS + 1)
+                                         if more.get(f"concept_{i}") is not None]
+        return io.NodeOutput(combine(sets))

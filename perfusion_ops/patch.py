@@ -1,0 +1,204 @@
+"""Perfusion on a ComfyUI model: forward hooks on every cross-attention to_k / to_v.
+
+The hooks live only for one call of the diffusion model, installed by a DIFFUSION_MODEL wrapper on a
+ModelPatcher clone (comfyui-host.md §1.8). So the edit is per clone, leaves nothing on the shared
+module, and `W x` / `W i*` come from the live projection: LoRA (baked or lowvram), casts, fp8 and
+offloading apply to them exactly as ComfyUI applies them everywhere else. Several concepts, also from
+chained apply nodes, share one joint patch (DESIGN.md §2).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import rank1
+from .concept import ARCHITECTURES, Concept
+
+log = logging.getLogger(__name__)
+
+DIFFUSION_MODEL_WRAPPER = "diffusion_model"  # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+WRAPPER_KEY = "perfusion"
+
+
+class PerfusionError(ValueError):
+    """A concept cannot be applied to this model or CLIP; the message says why."""
+
+
+def cross_attention_layers(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every cross-attention block (module path -> attn2 module), discovered from the model itself."""
+    return {name: module for name, module in diffusion_model.named_modules()
+            if name.split(".")[-1] == "attn2" and hasattr(module, "to_k") and hasattr(module, "to_v")}
+
+
+def model_architecture(model) -> str:
+    """'sd1' | 'sd2' | 'sdxl' for a ModelPatcher, from the width of the text context its UNet takes."""
+    diffusion_model = getattr(model.model, "diffusion_model", None)
+    layers = cross_attention_layers(diffusion_model) if diffusion_model is not None else {}
+    if not layers:
+        raise PerfusionError(f"This model ({type(model.model).__name__}) has no cross-attention layers, "
+                             "so Perfusion cannot edit it. Use an SD1.x, SD2.x or SDXL model.")
+    context_dim = next(iter(layers.values())).to_k.in_features
+    for arch, spec in ARCHITECTURES.items():
+        if spec["context_dim"] == context_dim:
+            return arch
+    raise PerfusionError(f"Unsupported model: its cross-attention takes {context_dim}-wide text context; "
+                         "Perfusion supports SD1.x (768), SD2.x (1024) and SDXL (2048).")
+
+
+def check_concept_fits(concept: Concept, diffusion_model: torch.nn.Module, arch: str) -> None:
+    if concept.arch != arch:
+        raise PerfusionError(f"Concept '{concept.name}' was trained for {concept.arch.upper()}, "
+                             f"but this model is {arch.upper()}. Train or load a concept for this model.")
+    layers = cross_attention_layers(diffusion_model)
+    missing, extra = sorted(set(layers) - set(concept.values)), sorted(set(concept.values) - set(layers))
+    if missing or extra:
+        raise PerfusionError(f"Concept '{concept.name}' does not match this model's cross-attention layers "
+                             f"(model has {len(layers)}, concept {len(concept.values)}; "
+                             f"missing {missing[:3]}, unknown {extra[:3]}). Was it trained on another model variant?")
+    for path, attn in layers.items():
+        for kind, targets in (("to_v", concept.values), ("to_k", concept.keys)):
+            if path in targets and targets[path].shape[-1] != getattr(attn, kind).out_features:
+                raise PerfusionError(f"Concept '{concept.name}': {kind} target of {path} has width "
+                                     f"{targets[path].shape[-1]}, the model's layer {getattr(attn, kind).out_features}.")
+
+
+@dataclass(frozen=True, eq=False)
+class AppliedConcept:
+    """A concept as one apply node added it: its own strength, gate and sigma window."""
+
+    concept: Concept
+    strength: float
+    beta: float
+    tau: float
+    sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+
+    def active_at(self, sigma: float | None) -> bool:
+        if self.strength == 0:
+            return False
+        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
+
+
+def current_sigma(transformer_options: dict) -> float | None:
+    sigmas = transformer_options.get("sigmas")
+    return None if sigmas is None else float(sigmas.detach().reshape(-1)[0])
+
+
+class LayerEdit:
+    """The tensors one sampling call needs, on the context's device, for the active concepts."""
+
+    def __init__(self, applied: list[AppliedConcept], exact: bool, device):
+        concepts = [a.concept for a in applied]
+        self.vectors = rank1.ConceptVectors.build(
+            torch.stack([c.i_star for c in concepts]), torch.stack([c.u for c in concepts]),
+            [a.strength for a in applied], [a.beta for a in applied], [a.tau for a in applied], exact).on(device)
+        self.i_super = torch.stack([c.i_super for c in concepts]).to(device)
+        self.values = {path: torch.stack([c.values[path] for c in concepts]).to(device) for path in concepts[0].values}
+        # Trained key targets where a concept has them (ablations, imports); None means locked to W_k i_super.
+        self.keys = {path: [c.keys[path].to(device) if path in c.keys else None for c in concepts]
+                     for path in concepts[0].values}
+
+    def value_hook(self, path: str):
+        targets = self.values[path]
+
+        def hook(module, inputs, output):
+            x = inputs[0]
+            w_i_star = module.forward(self.vectors.i_star.to(x.dtype)[None])[0]
+            return rank1.edit(output, x, w_i_star, targets, self.vectors).to(output.dtype)
+        return hook
+
+    def key_hook(self, path: str):
+        trained = self.keys[path]
+
+        def hook(module, inputs, output):
+            x = inputs[0]
+            k = self.vectors.i_star.shape[0]
+            rows = module.forward(torch.cat([self.vectors.i_star, self.i_super]).to(x.dtype)[None])[0]
+            w_i_star, locked = rows[:k], rows[k:]  # key-locking: o*_K = W_k i_super, through the live W_k
+            targets = torch.stack([locked[a] if t is None else t.to(locked.dtype) for a, t in enumerate(trained)])
+            return rank1.edit(output, x, w_i_star, targets, self.vectors).to(output.dtype)
+        return hook
+
+
+class PerfusionPatch:
+    """DIFFUSION_MODEL wrapper holding every concept applied to one model clone (a joint patch).
+
+    A plain callable without `.to`, so ComfyUI never casts the concept tensors it holds.
+    """
+
+    def __init__(self, applied: tuple[AppliedConcept, ...], exact: bool = True):
+        self.applied = tuple(applied)
+        self.exact = exact
+        self._cache: dict = {}
+        self._layers: tuple = (None, {})  # (diffusion model, its cross-attention layers), found once
+
+    def layers_of(self, diffusion_model) -> dict[str, torch.nn.Module]:
+        if self._layers[0] is not diffusion_model:
+            self._layers = (diffusion_model, cross_attention_layers(diffusion_model))
+        return self._layers[1]
+
+    def layer_edit(self, active: tuple[int, ...], device) -> LayerEdit:
+        key = (active, str(device))
+        if key not in self._cache:
+            self._cache.clear()  # one entry is enough: the active set changes at most at a window edge
+            self._cache[key] = LayerEdit([self.applied[i] for i in active], self.exact, device)
+        return self._cache[key]
+
+    def __call__(self, executor, *args, **kwargs):
+        transformer_options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        sigma = current_sigma(transformer_options or {})
+        active = tuple(i for i, a in enumerate(self.applied) if a.active_at(sigma))
+        if not active:
+            return executor(*args, **kwargs)
+        context = args[2] if len(args) > 2 else kwargs["context"]
+        edit = self.layer_edit(active, context.device)
+        layers = self.layers_of(executor.class_obj)
+        handles = []
+        try:
+            for path in edit.values:
+                handles.append(layers[path].to_k.register_forward_hook(edit.key_hook(path)))
+                handles.append(layers[path].to_v.register_forward_hook(edit.value_hook(path)))
+            return executor(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def applied_concepts(model) -> tuple[AppliedConcept, ...]:
+    """The concepts already applied to a ModelPatcher by this pack (empty if none)."""
+    patches = model.get_wrappers(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
+    return patches[0].applied if patches else ()
+
+
+def apply_concepts(model, concepts, strength: float = 1.0, beta: float = 0.70, tau: float = 0.15,
+                   start_at: float = 0.0, end_at: float = 1.0, exact: bool = True):
+    """A clone of `model` with `concepts` added to its joint Perfusion patch. The input stays untouched."""
+    if tau <= 0 or not math.isfinite(tau):
+        raise PerfusionError(f"tau must be a positive number, got {tau}.")
+    if not 0.0 <= start_at <= end_at <= 1.0:
+        raise PerfusionError(f"start_at ({start_at}) must not be after end_at ({end_at}); both lie in 0..1.")
+    arch = model_architecture(model)
+    for concept in concepts:
+        check_concept_fits(concept, model.model.diffusion_model, arch)
+    previous = applied_concepts(model)
+    names = [a.concept.name for a in previous] + [c.name for c in concepts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PerfusionError(f"Concept(s) {duplicates} applied twice to the same model. Apply each concept once; "
+                             "to change its settings, change the node that applies it.")
+    covariances = {a.concept.covariance for a in previous} | {c.covariance for c in concepts}
+    if len(covariances) > 1:
+        log.warning("Perfusion: combining concepts estimated with different covariances (%s); their gates are "
+                    "calibrated differently, so balance them with per-concept beta/strength.", sorted(covariances))
+    sampling = model.get_model_object("model_sampling")
+    sigma_start = math.inf if start_at <= 0 else float(sampling.percent_to_sigma(start_at))
+    sigma_end = 0.0 if end_at >= 1 else float(sampling.percent_to_sigma(end_at))
+    added = tuple(AppliedConcept(c, float(strength), float(beta), float(tau), sigma_start, sigma_end) for c in concepts)
+
+    patched = model.clone()
+    patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
+    patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, PerfusionPatch(previous + added, exact))
+    return patched
