@@ -5,10 +5,11 @@ from .apply import PerfusionApplyConcept
 from .combine import PerfusionCombineConcepts
 from .common import register_concept_folder
 from .concept_io import PerfusionLoadConcept, PerfusionSaveConcept
+from .train import PerfusionTrainConcept
 
 register_concept_folder()
 
-NODES = [PerfusionLoadConcept, PerfusionSaveConcept, PerfusionApplyConcept, PerfusionCombineConcepts]
+NODES = [PerfusionTrainConcept, PerfusionLoadConcept, PerfusionSaveConcept, PerfusionApplyConcept, PerfusionCombineConcepts]
 
 
 class PerfusionExtension(ComfyExtension):

@@ -45,18 +45,18 @@ def _lookup_with(original, vectors: dict[str, torch.Tensor]):
     return try_get_embedding
 
 
-def clip_with_concepts(clip, concepts: list[Concept], vectors_of=None):
-    """A clone of `clip` in which `embedding:<name>` means each concept's learned word vector(s).
-
-    `vectors_of(concept, encoder)` may supply other tensors than the stored embeddings (training
-    passes the trainable ones); by default the stored ones are used.
-    """
+def clip_with_concepts(clip, concepts: list[Concept]):
+    """A clone of `clip` in which `embedding:<name>` means each concept's learned word vector(s)."""
     arch = clip_architecture(clip)
     for concept in concepts:
         if concept.arch != arch:
             raise PerfusionError(f"Concept '{concept.name}' was trained for {concept.arch.upper()}, "
                                  f"but this CLIP belongs to {arch.upper()}.")
-    vectors_of = vectors_of or (lambda concept, encoder: concept.embeddings[encoder])
+    return clip_with_word_vectors(clip, {c.name: c.embeddings for c in concepts})
+
+
+def clip_with_word_vectors(clip, words: dict[str, dict[str, torch.Tensor]]):
+    """A clone of `clip` where `embedding:<word>` is words[word][encoder] for each text encoder."""
     patched = clip.clone()
     tokenizer = copy.copy(patched.tokenizer)
     for encoder in ENCODER_ATTRIBUTES:
@@ -64,7 +64,7 @@ def clip_with_concepts(clip, concepts: list[Concept], vectors_of=None):
             continue
         sub = copy.copy(getattr(tokenizer, encoder))
         sub._try_get_embedding = _lookup_with(sub._try_get_embedding,
-                                              {c.name: vectors_of(c, encoder) for c in concepts})
+                                              {word: vectors[encoder] for word, vectors in words.items()})
         if sub.embedding_directory is None:
             sub.embedding_directory = []  # ComfyUI parses "embedding:" only when a directory is set
         setattr(tokenizer, encoder, sub)

@@ -1,0 +1,132 @@
+"""Train a concept inside the graph."""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..perfusion_ops.concept import ARCHITECTURES, TRAIN_BETA, TRAIN_TAU, ConceptSet
+from ..perfusion_ops.covariance import cached_covariance, load_covariance_file
+from ..perfusion_ops.patch import model_architecture
+from ..perfusion_ops.train import TrainSettings, train_concept
+from .common import CATEGORY, COVARIANCE_FOLDER, PerfusionConcept
+
+ESTIMATE = "estimate from this CLIP"
+log = logging.getLogger(__name__)
+
+
+def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[B, H, W, C] images squashed to resolution², bicubic, as the reference recipe does."""
+    if resolution <= 0:
+        return images
+    pixels = images.movedim(-1, 1)
+    return comfy.utils.common_upscale(pixels, resolution, resolution, "bicubic", "disabled").movedim(1, -1).clamp(0, 1)
+
+
+class PerfusionTrainConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PerfusionTrainConcept",
+            display_name="Perfusion Train Concept",
+            category=f"{CATEGORY}/train",
+            description="Learns a new concept from a few photos: its word vector(s) and one value target per "
+                        "cross-attention layer, with keys locked to the superclass. Save it with Perfusion Save "
+                        "Concept; use it with Perfusion Apply Concept and embedding:<name> in prompts.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to personalise (SD1.x, SD2.x or SDXL). It is not changed."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint (its clip-skip setting is used)."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint, to encode the photos."),
+                io.Image.Input("images", tooltip="3-10 photos of the concept (a batch; use 'Batch Images' or a folder loader)."),
+                io.String.Input("name", default="my_concept",
+                                tooltip="The word for prompts: embedding:<name>. One word, no spaces."),
+                io.String.Input("superclass", default="teddy",
+                                tooltip="One common word for what the concept is (teddy, cat, pot, sculpture). "
+                                        "Its key is where the concept goes in the image."),
+                io.Int.Input("steps", default=400, min=1, max=100000, tooltip="Optimisation steps (reference: 400)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Same seed, same inputs: same concept."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Optional soft masks of the concept, one per photo; the loss is weighted by them."),
+                io.Int.Input("batch_size", default=4, min=1, max=64, optional=True,
+                             tooltip="Photos per step (reference: 4)."),
+                io.Int.Input("resolution", default=512, min=0, max=2048, step=64, optional=True,
+                             tooltip="Photos are resized to this square size before encoding (512 for SD1.x/SD2.x, "
+                                     "1024 for SDXL); 0 keeps their size."),
+                io.Float.Input("value_lr", default=0.03, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Learning rate of the value targets (reference: 0.03)."),
+                io.Float.Input("embedding_lr", default=0.006, min=0.0, max=1.0, step=0.0001, optional=True,
+                               tooltip="Learning rate of the word vector (reference: 0.006)."),
+                io.Float.Input("train_beta", default=TRAIN_BETA, min=-1.0, max=2.0, step=0.01, optional=True,
+                               tooltip="Gate bias while training (reference: 0.75)."),
+                io.Float.Input("train_tau", default=TRAIN_TAU, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="Gate temperature while training (reference: 0.10)."),
+                io.Boolean.Input("flip", default=True, optional=True,
+                                 tooltip="Randomly mirror photos (turn off for asymmetric concepts, e.g. with text)."),
+                io.Combo.Input("covariance", options=[ESTIMATE] + folder_paths.get_filename_list(COVARIANCE_FOLDER),
+                               default=ESTIMATE, optional=True,
+                               tooltip="The text-encoder covariance C: estimated once per CLIP setup from the pack's "
+                                       "caption corpus and cached, or a file (key 'covariance') from "
+                                       "models/perfusion_covariance."),
+                io.Int.Input("preview_every", default=0, min=0, max=10000, optional=True,
+                             tooltip="Show a preview of the model's denoised guess every N steps (0: no previews)."),
+            ],
+            outputs=[PerfusionConcept.Output(display_name="concept", tooltip="The trained concept."),
+                     io.LossMap.Output(display_name="loss", tooltip="Loss per step, for 'Plot Loss Graph'.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, name, superclass, steps, seed, masks=None, batch_size=4,
+                resolution=512, value_lr=0.03, embedding_lr=0.006, train_beta=TRAIN_BETA, train_tau=TRAIN_TAU,
+                flip=True, covariance=ESTIMATE, preview_every=0) -> io.NodeOutput:
+        name = name.strip()
+        if not name or len(name.split()) != 1 or len(name) > 100:
+            raise ValueError(f"name must be one word without spaces (it is written embedding:<name>), got '{name}'.")
+        if images is None or images.shape[0] == 0:
+            raise ValueError("No images: connect a batch of photos of the concept.")
+        if masks is not None:
+            if masks.ndim == 2:
+                masks = masks[None]
+            if masks.shape[0] != images.shape[0]:
+                raise ValueError(f"{masks.shape[0]} masks for {images.shape[0]} images: give one mask per image.")
+        arch = model_architecture(model)
+        context_dim = ARCHITECTURES[arch]["context_dim"]
+
+        pixels = _resize(images[..., :3], resolution)
+        latents = vae.encode(pixels)
+        flipped_latents = vae.encode(torch.flip(pixels, dims=[2])) if flip else None
+        flipped_masks = torch.flip(masks, dims=[2]) if (flip and masks is not None) else None
+
+        if covariance == ESTIMATE:
+            cache = folder_paths.get_folder_paths(COVARIANCE_FOLDER)[0]
+            C, covariance_id = cached_covariance(clip, cache)
+        else:
+            C, covariance_id = load_covariance_file(folder_paths.get_full_path_or_raise(COVARIANCE_FOLDER, covariance),
+                                                    context_dim)
+        progress = comfy.utils.ProgressBar(steps)
+        previewer = None
+        if preview_every > 0:
+            import latent_preview
+            previewer = latent_preview.get_previewer(comfy.model_management.get_torch_device(),
+                                                     model.model.latent_format)
+
+        def on_step(step, loss, x0_prediction):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            preview = None
+            if previewer is not None and (step + 1) % preview_every == 0:
+                preview = previewer.decode_latent_to_preview_image("JPEG", x0_prediction[:1])
+            progress.update_absolute(step + 1, steps, preview)
+            if (step + 1) % max(1, steps // 10) == 0:
+                log.info("Perfusion training '%s': step %d/%d, loss %.5f", name, step + 1, steps, loss)
+
+        settings = TrainSettings(steps=steps, seed=seed, batch_size=batch_size, value_lr=value_lr,
+                                 embedding_lr=embedding_lr, beta=train_beta, tau=train_tau, flip=flip)
+        concept, losses = train_concept(model, clip, latents, name, superclass, C, covariance_id, settings,
+                                        masks=masks, flipped_latents=flipped_latents, flipped_masks=flipped_masks,
+                                        on_step=on_step)
+        return io.NodeOutput(ConceptSet((concept,)), {"loss": losses},
+                             ui={"text": [f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps"]})

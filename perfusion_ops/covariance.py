@@ -1,0 +1,108 @@
+"""The covariance C: the uncentered second moment of the context tokens the UNet receives (DESIGN.md §1).
+
+Estimated for the exact text-encoder setup in use (weights, clip skip) over the caption corpus shipped
+in data/captions.txt (see tools/make_caption_corpus.py), counting tokens BOS through EOS and no
+padding, and cached by a fingerprint of that setup. Only u = C⁻¹ i* is ever stored in a concept.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CORPUS = Path(__file__).with_name("data") / "captions.txt"
+CAPTIONS_PER_BATCH = 32
+
+
+def load_corpus(path: Path = CORPUS) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def text_encoder_fingerprint(clip, corpus: list[str]) -> str:
+    """Identifies the text-encoder setup: tokenizer, every weight (sampled), the clip-skip layer and the corpus."""
+    digest = hashlib.sha256()
+    digest.update(type(clip.tokenizer).__name__.encode())
+    digest.update(repr(getattr(clip, "layer_idx", None)).encode())
+    for name, tensor in sorted(clip.cond_stage_model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 256)  # a strided sample identifies the weights without hashing GBs
+        digest.update(name.encode() + repr(tuple(tensor.shape)).encode())
+        digest.update(flat[::stride][:256].float().cpu().numpy().tobytes())
+    digest.update("\n".join(corpus).encode())
+    return digest.hexdigest()[:16]
+
+
+def _content_length(tokens: list, end_token: int) -> int:
+    """Number of tokens from BOS through the first EOS (padding excluded)."""
+    for index, item in enumerate(tokens[1:], start=1):
+        if item[0] == end_token:
+            return index + 1
+    return len(tokens)
+
+
+def estimate_covariance(clip, corpus: list[str], on_progress=None) -> torch.Tensor:
+    """C = Σ x xᵀ / N over every BOS..EOS context token of every caption, in float64."""
+    C, count = None, 0
+    for start in range(0, len(corpus), CAPTIONS_PER_BATCH):
+        batch = corpus[start:start + CAPTIONS_PER_BATCH]
+        tokenized = [clip.tokenize(caption) for caption in batch]
+        # One prompt of many 77-token chunks: ComfyUI encodes the chunks as one batch and concatenates them.
+        merged = {key: [t[key][0] for t in tokenized] for key in tokenized[0]}
+        reference_key = next(iter(merged))
+        end_token = getattr(clip.tokenizer, f"clip_{reference_key}").end_token
+        with torch.no_grad():
+            context = clip.encode_from_tokens(merged).double()
+        length = context.shape[1] // len(batch)
+        for i, chunk in enumerate(merged[reference_key]):
+            x = context[0, i * length: i * length + _content_length(chunk, end_token)]
+            C = x.T @ x if C is None else C + x.T @ x
+            count += x.shape[0]
+        if on_progress is not None:
+            on_progress(min(start + CAPTIONS_PER_BATCH, len(corpus)), len(corpus))
+    return C / count
+
+
+def solve(C: torch.Tensor, i_star: torch.Tensor) -> torch.Tensor:
+    """u = C⁻¹ i*, in float64 with a tiny ridge so a barely-covered direction cannot blow up u."""
+    C = C.double()
+    ridge = 1e-6 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(C + ridge, i_star.double()).float()
+
+
+def cached_covariance(clip, cache_dir: Path, on_progress=None) -> tuple[torch.Tensor, str]:
+    """C for this CLIP, from the cache when this setup was seen before; returns (C, fingerprint)."""
+    import safetensors.torch
+    corpus = load_corpus()
+    fingerprint = text_encoder_fingerprint(clip, corpus)
+    path = Path(cache_dir) / f"{fingerprint}.safetensors"
+    if path.is_file():
+        log.info("Perfusion: covariance %s from cache", fingerprint)
+        return safetensors.torch.load_file(str(path))["covariance"].double(), fingerprint
+    log.info("Perfusion: estimating the covariance over %d captions (once per text-encoder setup)", len(corpus))
+    C = estimate_covariance(clip, corpus, on_progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    safetensors.torch.save_file({"covariance": C.float().contiguous()}, str(partial),
+                                metadata={"perfusion.fingerprint": fingerprint, "captions": str(len(corpus))})
+    partial.replace(path)
+    return C, fingerprint
+
+
+def load_covariance_file(path: Path, context_dim: int) -> tuple[torch.Tensor, str]:
+    """A user-supplied covariance (safetensors, key `covariance`, [d, d]); fingerprint = its content hash."""
+    import safetensors.torch
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        raise ValueError(f"Covariance file '{path}' is not a readable safetensors file: {error}") from None
+    C = tensors.get("covariance")
+    if C is None or C.shape != (context_dim, context_dim):
+        raise ValueError(f"Covariance file '{path}' needs a tensor 'covariance' of shape [{context_dim}, {context_dim}] "
+                         f"for this model; found {None if C is None else list(C.shape)}.")
+    if not torch.isfinite(C).all():
+        raise ValueError(f"Covariance file '{path}' contains NaN or Inf.")
+    return C.double(), "file-" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

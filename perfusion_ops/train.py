@@ -1,0 +1,239 @@
+"""Training a concept (DESIGN.md §1; the recipe of perfusion-method.md §2).
+
+Learned: the concept's word vector for every text encoder and o*_V of every cross-attention layer.
+Keys stay locked to the superclass (o*_K = W_k i_super); i* and i_super are exponential moving
+averages (0.99 per step) of the concept's and the superclass's encodings, started from the superclass.
+UNet and text-encoder weights never get gradients: `torch.autograd.grad` asks only for ours.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import types
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, Concept
+from .covariance import solve
+from .patch import AppliedConcept, LayerEdit, PerfusionError, cross_attention_layers, model_architecture
+from .text import clip_architecture, clip_with_word_vectors
+
+log = logging.getLogger(__name__)
+
+# The prompt templates of the reference recipe (perfusion-method.md §2.2).
+TEMPLATES = ["a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}",
+             "image of a {}", "image of the {}", "A photograph of {}", "A {} shown in a photo", "A photo of {}"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 400
+    seed: int = 0
+    batch_size: int = 4
+    value_lr: float = 0.03
+    embedding_lr: float = 0.006
+    beta: float = 0.75          # training gate
+    tau: float = 0.10
+    ema: float = 0.99           # i* and i_super moving average, per step
+    flip: bool = True
+    weight_decay: float = 0.01  # AdamW's default, as in the reference
+
+
+def superclass_tokens(clip, superclass: str) -> dict[str, int]:
+    """The superclass word's single token id in each text encoder, or a clear error."""
+    word = superclass.strip()
+    if not word or len(word.split()) != 1:
+        raise PerfusionError(f"The superclass must be one word (e.g. 'teddy', 'cat'), got '{superclass}'.")
+    ids = {}
+    for encoder in ARCHITECTURES[clip_architecture(clip)]["embeddings"]:
+        tokenizer = getattr(clip.tokenizer, encoder)
+        pieces = tokenizer.tokenizer(word)["input_ids"][tokenizer.tokens_start:-1]
+        if len(pieces) != 1:
+            raise PerfusionError(f"The superclass '{word}' is split into {len(pieces)} tokens by the {encoder} "
+                                 "tokenizer; choose a common single-token word (e.g. 'teddy' for a teddy bear).")
+        ids[encoder] = pieces[0]
+    return ids
+
+
+def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
+    # comfy's CLIPLayer adds in place, which autograd cannot differentiate through.
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def trainable_clones(model, clip):
+    """Clones whose forward passes can be differentiated w.r.t. their inputs (comfyui-host.md §2.4, §3.3):
+    identity weight wrappers make each weight loaded as an inference tensor a fresh copy at use, and CLIP
+    layers add out of place. All of it lives on the clones only. Embedding tables need no copy: their
+    backward never reads the table."""
+    identity = lambda weight: weight  # noqa: E731
+    train_model = model.clone()
+    train_clip = clip.clone()
+    for patcher in (train_model, train_clip.patcher):
+        for name, module in patcher.model.named_modules():
+            if not hasattr(module, "weight_function") or isinstance(module, torch.nn.Embedding):
+                continue
+            for param in ("weight", "bias"):
+                tensor = getattr(module, param, None)
+                if tensor is not None and tensor.is_inference():
+                    patcher.add_weight_wrapper(f"{name}.{param}", identity)
+    for name, module in train_clip.patcher.model.named_modules():
+        if type(module).__name__ == "CLIPLayer":
+            train_clip.patcher.add_object_patch(f"{name}.forward", types.MethodType(_out_of_place_clip_layer, module))
+    return train_model, train_clip
+
+
+def release(*patchers) -> None:
+    """Unload training clones so the originals are what ComfyUI loads next."""
+    import comfy.model_management as mm
+    for i in reversed(range(len(mm.current_loaded_models))):
+        if mm.current_loaded_models[i].model in patchers:
+            mm.current_loaded_models.pop(i).model_unload()
+
+
+def encode(clip, prompt: str):
+    """Context, pooled output and the token positions that hold word vectors (not token ids)."""
+    tokens = clip.tokenize(prompt)
+    clip.cond_stage_model.reset_clip_options()
+    if clip.layer_idx is not None:
+        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+    context, pooled = clip.cond_stage_model.encode_token_weights(tokens)[:2]
+    first_chunk = next(iter(tokens.values()))[0]
+    positions = [i for i, item in enumerate(first_chunk) if not isinstance(item[0], int)]
+    return context, pooled, positions
+
+
+def train_concept(model, clip, latents, name: str, superclass: str, covariance: torch.Tensor, covariance_id: str,
+                  settings: TrainSettings = TrainSettings(), masks=None, flipped_latents=None, flipped_masks=None,
+                  on_step=None) -> tuple[Concept, list[float]]:
+    """Learn a concept from `latents` [N, 4, h, w] (VAE output) and optional soft `masks` [N, h, w].
+
+    `on_step(step, loss, x0_prediction)` is called after every step (progress, previews, cancel).
+    """
+    import comfy.model_management as mm
+    arch = model_architecture(model)
+    if clip_architecture(clip) != arch:
+        raise PerfusionError(f"The CLIP ({clip_architecture(clip).upper()}) does not belong to this model ({arch.upper()}).")
+    token_ids = superclass_tokens(clip, superclass)
+    generator = torch.Generator().manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    train_model, train_clip = trainable_clones(model, clip)
+    losses = []
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            mm.load_models_gpu([train_model, train_clip.patcher], force_full_load=True)
+            device = train_model.load_device
+            sampling = train_model.get_model_object("model_sampling")
+            unet = train_model.model
+            layers = cross_attention_layers(unet.diffusion_model)
+            images = unet.process_latent_in(latents.clone().float())
+            flipped = unet.process_latent_in(flipped_latents.clone().float()) if flipped_latents is not None else None
+            weights = _latent_masks(masks, images.shape)
+            flipped_weights = _latent_masks(flipped_masks, images.shape) if flipped_masks is not None else weights
+
+            embeddings = {encoder: torch.nn.Parameter(_word_embedding(train_clip, encoder, token).float()[None])
+                          for encoder, token in token_ids.items()}
+            concept_clip = clip_with_word_vectors(train_clip, {name: embeddings})
+            C_inv_solve = lambda v: solve(covariance, v)  # noqa: E731
+            values, i_star, i_super = None, None, None
+            optimizer = None
+            for step in range(settings.steps):
+                index = torch.randint(images.shape[0], (settings.batch_size,), generator=generator)
+                flip = (torch.rand(settings.batch_size, generator=generator) < 0.5) & settings.flip & (flipped is not None)
+                x0 = torch.stack([(flipped if f else images)[i] for i, f in zip(index.tolist(), flip.tolist())])
+                weight = torch.stack([(flipped_weights if f else weights)[i] for i, f in zip(index.tolist(), flip.tolist())])
+                templates = [rng.choice(TEMPLATES) for _ in range(settings.batch_size)]
+
+                contexts, pooled, concept_encodings = [], [], []
+                super_encodings = []
+                for template in templates:
+                    context, pool, positions = encode(concept_clip, template.format(f"embedding:{name}"))
+                    p = positions[0]
+                    with torch.no_grad():
+                        super_context = encode(train_clip, template.format(superclass))[0]
+                    contexts.append(context)
+                    pooled.append(pool)
+                    concept_encodings.append(context[0, p].detach())
+                    super_encodings.append(super_context[0, p])
+                context = torch.cat(contexts).to(device)
+                concept_mean = torch.stack(concept_encodings).mean(0).double().cpu()
+                super_mean = torch.stack(super_encodings).mean(0).double().cpu()
+
+                if values is None:  # initialise from the superclass (first batch), as the reference does
+                    i_star, i_super = super_mean.clone(), super_mean.clone()
+                    with torch.no_grad():
+                        values = {path: torch.nn.Parameter(attn.to_v.forward(i_super.float().to(device)[None, None])[0, 0].float())
+                                  for path, attn in layers.items()}
+                    optimizer = torch.optim.AdamW(
+                        [{"params": list(values.values()), "lr": settings.value_lr},
+                         {"params": list(embeddings.values()), "lr": settings.embedding_lr}],
+                        weight_decay=settings.weight_decay)
+                i_star = settings.ema * i_star + (1 - settings.ema) * concept_mean
+                i_super = settings.ema * i_super + (1 - settings.ema) * super_mean
+
+                concept = _concept(name, superclass, arch, embeddings, i_star, C_inv_solve(i_star), i_super, values,
+                                   covariance_id, settings, losses)
+                edit = LayerEdit([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, device)
+                handles = []
+                for path, attn in layers.items():
+                    handles.append(attn.to_k.register_forward_hook(edit.key_hook(path)))
+                    handles.append(attn.to_v.register_forward_hook(edit.value_hook(path)))
+                try:
+                    timesteps = torch.randint(0, 1000, (settings.batch_size,), generator=generator).float()
+                    sigma = sampling.sigma(timesteps).to(device)
+                    noise = torch.randn(x0.shape, generator=generator).to(device)
+                    x0_device = x0.to(device)
+                    xt = sampling.noise_scaling(sigma, noise, x0_device)
+                    extra = {}
+                    if arch == "sdxl":
+                        extra["y"] = torch.cat([unet.encode_adm(pooled_output=p, width=x0.shape[-1] * 8,
+                                                                height=x0.shape[-2] * 8) for p in pooled]).to(device)
+                    x0_prediction = unet.apply_model(xt, sigma, c_crossattn=context, **extra)
+                    sigma_view = sigma.view(-1, 1, 1, 1)
+                    eps_prediction = (xt - x0_prediction) / sigma_view
+                    loss = (((eps_prediction.float() - noise.float()) * weight.to(device)[:, None]) ** 2).mean()
+                    params = list(values.values()) + list(embeddings.values())
+                    grads = torch.autograd.grad(loss, params)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for param, grad in zip(params, grads):
+                    param.grad = grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach().item())
+                if on_step is not None:
+                    on_step(step, losses[-1], x0_prediction.detach())
+        final = _concept(name, superclass, arch, embeddings, i_star, solve(covariance, i_star), i_super, values,
+                         covariance_id, settings, losses, detach=True)
+        return final, losses
+    finally:
+        release(train_model, train_clip.patcher)
+
+
+def _word_embedding(clip, encoder: str, token: int) -> torch.Tensor:
+    table = getattr(clip.cond_stage_model, encoder).transformer.get_input_embeddings()
+    return table.weight[token].detach().clone().cpu()
+
+
+def _latent_masks(masks, latent_shape) -> torch.Tensor:
+    """Soft masks resized to the latent grid and scaled to a maximum of 1; all ones without masks."""
+    n, _, h, w = latent_shape
+    if masks is None:
+        return torch.ones(n, h, w)
+    resized = torch.nn.functional.interpolate(masks.float()[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    return resized / resized.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+
+
+def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, covariance_id, settings, losses,
+             detach=False) -> Concept:
+    take = (lambda t: t.detach().float().cpu().clone()) if detach else (lambda t: t)
+    return Concept(
+        name=name, superclass=superclass, arch=arch,
+        embeddings={encoder: take(vector) for encoder, vector in embeddings.items()},
+        i_star=i_star.float(), u=u.float(), i_super=i_super.float(),
+        values={path: take(v) for path, v in values.items()},
+        beta=INFERENCE_BETA, tau=INFERENCE_TAU, covariance=covariance_id,
+        train=json.dumps({**asdict(settings), "final_loss": losses[-1] if losses else None}) if detach else "{}")
