@@ -206,6 +206,7 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                 losses.append(loss.detach().item())
                 if on_step is not None:
                     on_step(step, losses[-1], x0_prediction.detach())
+        i_star = i_star.float()  # what the file stores; u is solved from exactly that
         final = _concept(name, superclass, arch, embeddings, i_star, solve(covariance, i_star), i_super, values,
                          covariance_id, settings, losses, detach=True)
         return final, losses

@@ -30,6 +30,9 @@ glacier meadow field garden park street alley road highway city village town har
 statue sculpture fountain monument painting poster sign graffiti mural stained glass window door gate fence wall
 staircase cathedral ruins pyramid planet moon sun star galaxy nebula cloud rainbow storm lightning snowflake""".split("\n")
 
+COMPOUND_SUBJECTS = ["old man", "old woman", "polar bear", "teddy bear", "toy car", "toy robot", "oak tree", "pine tree",
+                     "palm tree", "ice cream", "stained glass window", "hot air balloon", "fire truck", "race car"]
+
 ADJECTIVES = """red orange yellow green blue purple pink brown black white gray golden silver bronze colorful pastel
 neon dark bright pale vivid faded shiny matte glossy rusty wooden metal plastic glass stone marble ceramic paper
 fabric knitted furry fluffy hairy feathered scaly smooth rough wet dry frozen burning glowing transparent tiny small
@@ -66,8 +69,7 @@ EXTRAS = """, highly detailed|, 4k|, trending on artstation|, soft lighting|, dr
 
 def captions(count: int = 4000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    subjects = [s.strip() for line in SUBJECTS for s in line.split() if s.strip()]
-    subjects = sorted(set(subjects + [line.strip() for line in " ".join(SUBJECTS).split("  ") if " " in line.strip()]))
+    subjects = sorted({word for line in SUBJECTS for word in line.split()} | set(COMPOUND_SUBJECTS))
     out = []
     for _ in range(count):
         subject = rng.choice(subjects)

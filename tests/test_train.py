@@ -1,0 +1,249 @@
+"""Issue 4: training a concept, the covariance, cancel; through ComfyUI's executor where it matters."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
+
+pytestmark = pytest.mark.host
+
+PHOTOS = Path(REPO).parent / "shared" / "data" / "concepts"
+SMALL_CORPUS = 24
+
+
+def load_photos(concept="teddy", size=64):
+    """The concept's photos and soft masks, downscaled: IMAGE [N, H, W, 3] and MASK [N, H, W] in 0..1."""
+    folder = PHOTOS / concept
+    if not folder.is_dir():
+        pytest.fail(f"training photos not found at {folder} (the shared data folder beside the repository)")
+    files = sorted(folder.glob("*.jpg"))
+    images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) / 255.0 for f in files]
+    masks = [np.asarray(Image.open(folder / "mask" / f.name).convert("L").resize((size, size), Image.BILINEAR)) / 255.0
+             for f in files]
+    return torch.tensor(np.stack(images), dtype=torch.float32), torch.tensor(np.stack(masks), dtype=torch.float32)
+
+
+@pytest.fixture
+def small_corpus(monkeypatch):
+    """The shipped corpus, cut short so the tiny CLIP estimates C in seconds (only the count changes)."""
+    from perfusion_ops import covariance
+    corpus = covariance.load_corpus()[:SMALL_CORPUS]
+    monkeypatch.setattr(covariance, "load_corpus", lambda path=covariance.CORPUS: list(corpus))
+    return corpus
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_covariance_matches_direct_float64_and_is_cached(arch, small_corpus, tmp_path, monkeypatch):
+    from perfusion_ops import covariance
+    clip = tiny_clip(arch)
+    direct, count = None, 0
+    tokenizer = next(getattr(clip.tokenizer, a) for a in ("clip_l", "clip_h") if hasattr(clip.tokenizer, a))
+    for caption in small_corpus:  # one caption at a time, BOS..EOS counted from the tokenizer itself
+        length = len(tokenizer.tokenizer(caption)["input_ids"])
+        x = clip.encode_from_tokens(clip.tokenize(caption))[0, :length].double()
+        direct = x.T @ x if direct is None else direct + x.T @ x
+        count += length
+    direct /= count
+    C, fingerprint = covariance.cached_covariance(clip, tmp_path)
+    assert (C - direct).norm() / direct.norm() < 1e-5
+    assert (tmp_path / f"{fingerprint}.safetensors").is_file()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the covariance was estimated again instead of read from the cache")
+    monkeypatch.setattr(covariance, "estimate_covariance", must_not_run)
+    C_again, fingerprint_again = covariance.cached_covariance(clip, tmp_path)
+    assert fingerprint_again == fingerprint and torch.allclose(C_again, C.float().double())
+    # Another clip-skip setting is another setup: a different fingerprint.
+    other = clip.clone()
+    other.clip_layer(-2)
+    assert covariance.text_encoder_fingerprint(other, small_corpus) != fingerprint
+
+
+def fixed_denoising_loss(model, clip, concept, latents, masks, draws=8, beta=0.75, tau=0.10):
+    """Masked ε-MSE of the model with `concept` applied, on fixed noise draws and sigmas."""
+    from perfusion_ops.patch import apply_concepts
+    from perfusion_ops.text import clip_with_concepts
+    patched, patched_clip = apply_concepts(model, [concept], 1.0, beta, tau), clip_with_concepts(clip, [concept])
+    context = patched_clip.encode_from_tokens(patched_clip.tokenize(f"a photo of a embedding:{concept.name}"))
+    sampling = model.get_model_object("model_sampling")
+    g = torch.Generator().manual_seed(1234)
+    x0 = model.model.process_latent_in(latents)
+    weight = torch.nn.functional.interpolate(masks[:, None], size=x0.shape[-2:], mode="bilinear")
+    weight = weight / weight.amax(dim=(2, 3), keepdim=True)
+    from reference import run_unet  # noqa: F401  (same wrapper path as sampling)
+    from comfy.patcher_extension import copy_nested_dicts
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            sigma = sampling.sigma(torch.randint(0, 1000, (x0.shape[0],), generator=g).float())
+            noise = torch.randn(x0.shape, generator=g)
+            xt = sampling.noise_scaling(sigma, noise, x0)
+            options = {"wrappers": copy_nested_dicts(patched.wrappers), "sigmas": sigma[:1]}
+            pred = patched.model.apply_model(xt, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1),
+                                             transformer_options=options)
+            eps = (xt - pred) / sigma.view(-1, 1, 1, 1)
+            total += float((((eps - noise) * weight) ** 2).mean())
+    return total / draws
+
+
+def test_training_on_real_photos_lowers_the_loss_and_changes_only_the_concept(small_corpus, tmp_path):
+    from perfusion_ops.covariance import cached_covariance, solve
+    from perfusion_ops.train import TrainSettings, train_concept
+    model, clip, vae = tiny_model("sd1", std=0.2), tiny_clip("sd1"), tiny_vae()
+    images, masks = load_photos("teddy", 64)
+    latents = vae.encode(images)
+    C, fingerprint = cached_covariance(clip, tmp_path)
+    unet_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+
+    settings = TrainSettings(steps=24, seed=3, batch_size=2, value_lr=0.03, embedding_lr=0.006)
+    untrained, _ = train_concept(model, clip, latents, "hugsy", "teddy", C, fingerprint,
+                                 TrainSettings(steps=1, seed=3, batch_size=2, value_lr=0.0, embedding_lr=0.0),
+                                 masks=masks)
+    trained, losses = train_concept(model, clip, latents, "hugsy", "teddy", C, fingerprint, settings, masks=masks,
+                                    flipped_latents=vae.encode(torch.flip(images, dims=[2])),
+                                    flipped_masks=torch.flip(masks, dims=[2]))
+    before = fixed_denoising_loss(model, clip, untrained, latents, masks)
+    after = fixed_denoising_loss(model, clip, trained, latents, masks)
+    assert after < before * 0.995, f"fixed-draw loss {before:.5f} -> {after:.5f} did not fall"
+    assert len(losses) == 24 and all(np.isfinite(losses))
+
+    # Only the concept's word vector and value targets were learned; keys are locked.
+    assert not trained.keys
+    assert not torch.equal(trained.embeddings["clip_l"], untrained.embeddings["clip_l"])
+    assert any(not torch.equal(trained.values[p], untrained.values[p]) for p in trained.values)
+    assert torch.equal(trained.u, solve(C, trained.i_star))
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, unet_before[k]), f"UNet weight {k} changed"
+    for k, v in clip.cond_stage_model.state_dict().items():
+        assert torch.equal(v, clip_before[k]), f"CLIP weight {k} changed"
+
+    # Same seed, same concept.
+    again, _ = train_concept(model, clip, latents, "hugsy", "teddy", C, fingerprint, settings, masks=masks,
+                             flipped_latents=vae.encode(torch.flip(images, dims=[2])),
+                             flipped_masks=torch.flip(masks, dims=[2]))
+    assert torch.equal(again.embeddings["clip_l"], trained.embeddings["clip_l"])
+    assert all(torch.equal(again.values[p], trained.values[p]) for p in trained.values)
+
+
+def test_superclass_of_several_tokens_is_refused_clearly():
+    from perfusion_ops.patch import PerfusionError
+    from perfusion_ops.train import superclass_tokens
+    clip = tiny_clip("sd1")
+    assert len(superclass_tokens(clip, "teddy")) == 1
+    with pytest.raises(PerfusionError, match="one word"):
+        superclass_tokens(clip, "teddy bear")
+    with pytest.raises(PerfusionError, match="split into"):
+        superclass_tokens(clip, "perfusionish")
+
+
+class PhotoBatch:
+    """Test-only node: the shared concept photos and masks as IMAGE and MASK batches."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"concept": ("STRING", {"default": "teddy"}), "size": ("INT", {"default": 64})}}
+
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, concept, size):
+        return load_photos(concept, size)
+
+
+def train_graph(name, steps, masks=True, save=True, arch="sd1"):
+    graph = {
+        "1": {"class_type": "PerfusionTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0, "weight_std": 0.2}},
+        "2": {"class_type": "PerfusionTestPhotos", "inputs": {"concept": "teddy", "size": 64}},
+        "3": {"class_type": "PerfusionTrainConcept", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "name": name,
+            "superclass": "teddy", "steps": steps, "seed": 1, "batch_size": 2, "resolution": 64, "preview_every": 2}},
+    }
+    if masks:
+        graph["3"]["inputs"]["masks"] = ["2", 1]
+    if save:
+        graph["4"] = {"class_type": "PerfusionSaveConcept", "inputs": {"concept": ["3", 0], "filename_prefix": "{name}"}}
+    return graph
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_train_save_load_apply_through_the_executor(arch, perfusion_dir, small_corpus, tmp_path, monkeypatch):
+    import folder_paths
+    import nodes
+    from comfy_runner import run_prompt
+    from perfusion_ops.concept_file import read_concept
+    register_test_nodes()
+    nodes.NODE_CLASS_MAPPINGS["PerfusionTestPhotos"] = PhotoBatch
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "perfusion_covariance", ([str(tmp_path / "cov")], {".safetensors"}))
+    run_prompt(train_graph("hugsy", steps=4, arch=arch))
+    saved = sorted(perfusion_dir.glob("*.safetensors"))
+    assert [p.name for p in saved] == ["hugsy_00001.safetensors"]
+    concept = read_concept(saved[0])
+    assert concept.name == "hugsy" and concept.superclass == "teddy" and concept.arch == arch
+    assert not concept.keys and concept.i_super.norm() > 0 and concept.covariance
+    assert set(concept.embeddings) == {"sd1": {"clip_l"}, "sdxl": {"clip_l", "clip_g"}}[arch]
+
+    # The saved concept loads, applies and its embedding changes the conditioning.
+    folder_paths.filename_list_cache.pop("perfusion", None)
+    graph = {
+        "1": {"class_type": "PerfusionTestTinyCheckpoint", "inputs": {"arch": arch, "seed": 0, "weight_std": 0.2}},
+        "5": {"class_type": "PerfusionLoadConcept", "inputs": {"concept_name": saved[0].name}},
+        "6": {"class_type": "PerfusionApplyConcept", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concept": ["5", 0],
+              "strength": 1.0, "beta": 0.7, "tau": 0.15, "start_at": 0.0, "end_at": 1.0}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": "a photo of embedding:hugsy"}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of embedding:hugsy"}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["6", 0], "positive": ["7", 0], "negative": ["8", 0],
+               "latent_image": ["9", 0], "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
+               "scheduler": "normal", "denoise": 1.0}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}},
+    }
+    executor, outputs = run_prompt(graph)
+    assert outputs["12"]["images"]
+    clip = tiny_clip(arch, embedding_directory=[])
+    from perfusion_ops.text import clip_with_concepts
+    text = "a photo of embedding:hugsy"
+    patched = clip_with_concepts(clip, [concept])
+    assert not torch.equal(patched.encode_from_tokens(patched.tokenize(text)), clip.encode_from_tokens(clip.tokenize(text)))
+
+
+def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus, tmp_path, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+    import folder_paths
+    import nodes
+    from comfy_runner import StubServer, run_prompt
+    import execution
+    import asyncio
+    register_test_nodes()
+    nodes.NODE_CLASS_MAPPINGS["PerfusionTestPhotos"] = PhotoBatch
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "perfusion_covariance", ([str(tmp_path / "cov")], {".safetensors"}))
+    original_update = comfy.utils.ProgressBar.update_absolute
+
+    def cancel_at_step_3(self, value, total=None, preview=None):
+        original_update(self, value, total, preview)
+        if value == 3:
+            comfy.model_management.interrupt_current_processing(True)  # what the Cancel button does
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", cancel_at_step_3)
+
+    prompt = train_graph("cancelled", steps=50)
+    valid, error, outputs, _ = asyncio.run(execution.validate_prompt("cancel", prompt, None))
+    assert valid, error
+    executor = execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC)
+    executor.execute(prompt, "cancel", extra_data={}, execute_outputs=outputs)
+    comfy.model_management.interrupt_current_processing(False)
+    assert not executor.success
+    assert executor.status_messages[-1][0] == "execution_interrupted"
+    assert list(perfusion_dir.rglob("*")) == [], "a cancelled training left files behind"
+    # The loaded model (from the executor's cache) samples exactly as a fresh load does.
+    cached_model = executor.caches.outputs.get("1")[0][0]
+    fresh = tiny_model("sd1", std=0.2)
+    for (k, v), (k2, v2) in zip(sorted(cached_model.model.state_dict().items()), sorted(fresh.model.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), f"{k} changed by the cancelled run"
+    assert not cached_model.weight_wrapper_patches and not cached_model.object_patches
