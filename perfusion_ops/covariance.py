@@ -66,11 +66,16 @@ def estimate_covariance(clip, corpus: list[str], on_progress=None) -> torch.Tens
     return C / count
 
 
-def solve(C: torch.Tensor, i_star: torch.Tensor) -> torch.Tensor:
-    """u = C⁻¹ i*, in float64 with a tiny ridge so a barely-covered direction cannot blow up u."""
+def inverse(C: torch.Tensor) -> torch.Tensor:
+    """C⁻¹ in float64, with a tiny ridge so a barely-covered direction cannot blow up u."""
     C = C.double()
     ridge = 1e-6 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(C + ridge, i_star.double()).float()
+    return torch.linalg.inv(C + ridge)
+
+
+def metric_vector(C_inv: torch.Tensor, i_star: torch.Tensor) -> torch.Tensor:
+    """u = C⁻¹ i*, stored per concept so C is never needed at inference."""
+    return (C_inv @ i_star.double()).float()
 
 
 def cached_covariance(clip, cache_dir: Path, on_progress=None) -> tuple[torch.Tensor, str]:

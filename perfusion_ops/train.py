@@ -7,6 +7,7 @@ UNet and text-encoder weights never get gradients: `torch.autograd.grad` asks on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, Concept
-from .covariance import solve
+from .covariance import inverse, metric_vector
 from .patch import AppliedConcept, LayerEdit, PerfusionError, cross_attention_layers, model_architecture
 from .text import clip_architecture, clip_with_word_vectors
 
@@ -39,6 +40,7 @@ class TrainSettings:
     ema: float = 0.99           # i* and i_super moving average, per step
     flip: bool = True
     weight_decay: float = 0.01  # AdamW's default, as in the reference
+    train_values: bool = True   # False: learn only the word vectors (textual inversion, for baselines)
 
 
 def superclass_tokens(clip, superclass: str) -> dict[str, int]:
@@ -105,12 +107,77 @@ def encode(clip, prompt: str):
     return context, pooled, positions
 
 
+class _Photos:
+    """The training latents (and their mirror images) with their loss weights, drawn in batches."""
+
+    def __init__(self, unet, latents, masks, flipped_latents, flipped_masks):
+        self.images = unet.process_latent_in(latents.clone().float())
+        self.flipped = None if flipped_latents is None else unet.process_latent_in(flipped_latents.clone().float())
+        self.weights = _latent_masks(masks, self.images.shape)
+        self.flipped_weights = self.weights if flipped_masks is None else _latent_masks(flipped_masks, self.images.shape)
+
+    def batch(self, size: int, flip: bool, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(self.images.shape[0], (size,), generator=generator).tolist()
+        mirrored = ((torch.rand(size, generator=generator) < 0.5) & flip & (self.flipped is not None)).tolist()
+        x0 = torch.stack([(self.flipped if m else self.images)[i] for i, m in zip(index, mirrored)])
+        weight = torch.stack([(self.flipped_weights if m else self.weights)[i] for i, m in zip(index, mirrored)])
+        return x0, weight
+
+
+def _encode_prompts(concept_clip, plain_clip, templates, name, superclass):
+    """Contexts of the concept prompts (with grad to the word vectors) and the mean encodings, at the
+    concept's position, of the concept and of the superclass in the same templates."""
+    contexts, pooled, concept_encodings, super_encodings = [], [], [], []
+    for template in templates:
+        context, pool, positions = encode(concept_clip, template.format(f"embedding:{name}"))
+        with torch.no_grad():
+            super_context = encode(plain_clip, template.format(superclass))[0]
+        contexts.append(context)
+        pooled.append(pool)
+        concept_encodings.append(context[0, positions[0]].detach())
+        super_encodings.append(super_context[0, positions[0]])
+    mean = lambda encodings: torch.stack(encodings).mean(0).double().cpu()  # noqa: E731
+    return torch.cat(contexts), pooled, mean(concept_encodings), mean(super_encodings)
+
+
+def _denoising_loss(unet, sampling, x0, weight, context, pooled, generator):
+    """Masked ε-MSE at uniformly drawn timesteps (the reference recipe); returns (loss, x0 prediction)."""
+    device = context.device
+    timesteps = torch.randint(0, 1000, (x0.shape[0],), generator=generator).float()
+    sigma = sampling.sigma(timesteps).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    xt = sampling.noise_scaling(sigma, noise, x0.to(device))
+    extra = {}
+    if unet.adm_channels:  # SDXL: pooled text and size conditioning
+        extra["y"] = torch.cat([unet.encode_adm(pooled_output=p, width=x0.shape[-1] * 8, height=x0.shape[-2] * 8)
+                                for p in pooled]).to(device)
+    x0_prediction = unet.apply_model(xt, sigma, c_crossattn=context, **extra)
+    eps_prediction = (xt - x0_prediction) / sigma.view(-1, 1, 1, 1)
+    loss = (((eps_prediction.float() - noise.float()) * weight.to(device)[:, None]) ** 2).mean()
+    return loss, x0_prediction
+
+
+@contextlib.contextmanager
+def _edit_installed(layers, edit: LayerEdit | None):
+    """The Perfusion edit on every cross-attention to_k/to_v, kept through backward; none for `None`."""
+    handles = []
+    try:
+        for path, attn in (layers.items() if edit is not None else ()):
+            handles.append(attn.to_k.register_forward_hook(edit.key_hook(path)))
+            handles.append(attn.to_v.register_forward_hook(edit.value_hook(path)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def train_concept(model, clip, latents, name: str, superclass: str, covariance: torch.Tensor, covariance_id: str,
                   settings: TrainSettings = TrainSettings(), masks=None, flipped_latents=None, flipped_masks=None,
                   on_step=None) -> tuple[Concept, list[float]]:
     """Learn a concept from `latents` [N, 4, h, w] (VAE output) and optional soft `masks` [N, h, w].
 
     `on_step(step, loss, x0_prediction)` is called after every step (progress, previews, cancel).
+    With `settings.train_values` off only the word vectors are learned (textual inversion, a baseline).
     """
     import comfy.model_management as mm
     arch = model_architecture(model)
@@ -119,6 +186,7 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
     token_ids = superclass_tokens(clip, superclass)
     generator = torch.Generator().manual_seed(settings.seed)
     rng = random.Random(settings.seed)
+    C_inv = inverse(covariance)
     train_model, train_clip = trainable_clones(model, clip)
     losses = []
     try:
@@ -128,77 +196,38 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
             sampling = train_model.get_model_object("model_sampling")
             unet = train_model.model
             layers = cross_attention_layers(unet.diffusion_model)
-            images = unet.process_latent_in(latents.clone().float())
-            flipped = unet.process_latent_in(flipped_latents.clone().float()) if flipped_latents is not None else None
-            weights = _latent_masks(masks, images.shape)
-            flipped_weights = _latent_masks(flipped_masks, images.shape) if flipped_masks is not None else weights
-
+            photos = _Photos(unet, latents, masks, flipped_latents, flipped_masks)
             embeddings = {encoder: torch.nn.Parameter(_word_embedding(train_clip, encoder, token).float()[None])
                           for encoder, token in token_ids.items()}
             concept_clip = clip_with_word_vectors(train_clip, {name: embeddings})
-            C_inv_solve = lambda v: solve(covariance, v)  # noqa: E731
-            values, i_star, i_super = None, None, None
-            optimizer = None
+            values = optimizer = i_star = i_super = None
             for step in range(settings.steps):
-                index = torch.randint(images.shape[0], (settings.batch_size,), generator=generator)
-                flip = (torch.rand(settings.batch_size, generator=generator) < 0.5) & settings.flip & (flipped is not None)
-                x0 = torch.stack([(flipped if f else images)[i] for i, f in zip(index.tolist(), flip.tolist())])
-                weight = torch.stack([(flipped_weights if f else weights)[i] for i, f in zip(index.tolist(), flip.tolist())])
+                x0, weight = photos.batch(settings.batch_size, settings.flip, generator)
                 templates = [rng.choice(TEMPLATES) for _ in range(settings.batch_size)]
-
-                contexts, pooled, concept_encodings = [], [], []
-                super_encodings = []
-                for template in templates:
-                    context, pool, positions = encode(concept_clip, template.format(f"embedding:{name}"))
-                    p = positions[0]
-                    with torch.no_grad():
-                        super_context = encode(train_clip, template.format(superclass))[0]
-                    contexts.append(context)
-                    pooled.append(pool)
-                    concept_encodings.append(context[0, p].detach())
-                    super_encodings.append(super_context[0, p])
-                context = torch.cat(contexts).to(device)
-                concept_mean = torch.stack(concept_encodings).mean(0).double().cpu()
-                super_mean = torch.stack(super_encodings).mean(0).double().cpu()
-
-                if values is None:  # initialise from the superclass (first batch), as the reference does
+                context, pooled, concept_mean, super_mean = _encode_prompts(concept_clip, train_clip, templates,
+                                                                            name, superclass)
+                if values is None:  # start from the superclass (first batch), as the reference does
                     i_star, i_super = super_mean.clone(), super_mean.clone()
                     with torch.no_grad():
-                        values = {path: torch.nn.Parameter(attn.to_v.forward(i_super.float().to(device)[None, None])[0, 0].float())
+                        values = {path: torch.nn.Parameter(attn.to_v.forward(i_super.float().to(device)[None, None])[0, 0])
                                   for path, attn in layers.items()}
-                    optimizer = torch.optim.AdamW(
-                        [{"params": list(values.values()), "lr": settings.value_lr},
-                         {"params": list(embeddings.values()), "lr": settings.embedding_lr}],
-                        weight_decay=settings.weight_decay)
+                    groups = [{"params": list(embeddings.values()), "lr": settings.embedding_lr}]
+                    if settings.train_values:
+                        groups.append({"params": list(values.values()), "lr": settings.value_lr})
+                    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
                 i_star = settings.ema * i_star + (1 - settings.ema) * concept_mean
                 i_super = settings.ema * i_super + (1 - settings.ema) * super_mean
 
-                concept = _concept(name, superclass, arch, embeddings, i_star, C_inv_solve(i_star), i_super, values,
-                                   covariance_id, settings, losses)
-                edit = LayerEdit([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, device)
-                handles = []
-                for path, attn in layers.items():
-                    handles.append(attn.to_k.register_forward_hook(edit.key_hook(path)))
-                    handles.append(attn.to_v.register_forward_hook(edit.value_hook(path)))
-                try:
-                    timesteps = torch.randint(0, 1000, (settings.batch_size,), generator=generator).float()
-                    sigma = sampling.sigma(timesteps).to(device)
-                    noise = torch.randn(x0.shape, generator=generator).to(device)
-                    x0_device = x0.to(device)
-                    xt = sampling.noise_scaling(sigma, noise, x0_device)
-                    extra = {}
-                    if arch == "sdxl":
-                        extra["y"] = torch.cat([unet.encode_adm(pooled_output=p, width=x0.shape[-1] * 8,
-                                                                height=x0.shape[-2] * 8) for p in pooled]).to(device)
-                    x0_prediction = unet.apply_model(xt, sigma, c_crossattn=context, **extra)
-                    sigma_view = sigma.view(-1, 1, 1, 1)
-                    eps_prediction = (xt - x0_prediction) / sigma_view
-                    loss = (((eps_prediction.float() - noise.float()) * weight.to(device)[:, None]) ** 2).mean()
-                    params = list(values.values()) + list(embeddings.values())
+                edit = None
+                if settings.train_values:
+                    concept = _concept(name, superclass, arch, embeddings, i_star, metric_vector(C_inv, i_star), i_super,
+                                       values, covariance_id, settings, losses)
+                    edit = LayerEdit([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, device)
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                with _edit_installed(layers, edit):
+                    loss, x0_prediction = _denoising_loss(unet, sampling, x0, weight, context.to(device), pooled,
+                                                          generator)
                     grads = torch.autograd.grad(loss, params)
-                finally:
-                    for handle in handles:
-                        handle.remove()
                 for param, grad in zip(params, grads):
                     param.grad = grad
                 optimizer.step()
@@ -207,7 +236,7 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                 if on_step is not None:
                     on_step(step, losses[-1], x0_prediction.detach())
         i_star = i_star.float()  # what the file stores; u is solved from exactly that
-        final = _concept(name, superclass, arch, embeddings, i_star, solve(covariance, i_star), i_super, values,
+        final = _concept(name, superclass, arch, embeddings, i_star, metric_vector(C_inv, i_star), i_super, values,
                          covariance_id, settings, losses, detach=True)
         return final, losses
     finally:

@@ -91,7 +91,7 @@ def fixed_denoising_loss(model, clip, concept, latents, masks, draws=8, beta=0.7
 
 
 def test_training_on_real_photos_lowers_the_loss_and_changes_only_the_concept(small_corpus, tmp_path):
-    from perfusion_ops.covariance import cached_covariance, solve
+    from perfusion_ops.covariance import cached_covariance, inverse, metric_vector
     from perfusion_ops.train import TrainSettings, train_concept
     model, clip, vae = tiny_model("sd1", std=0.2), tiny_clip("sd1"), tiny_vae()
     images, masks = load_photos("teddy", 64)
@@ -116,7 +116,7 @@ def test_training_on_real_photos_lowers_the_loss_and_changes_only_the_concept(sm
     assert not trained.keys
     assert not torch.equal(trained.embeddings["clip_l"], untrained.embeddings["clip_l"])
     assert any(not torch.equal(trained.values[p], untrained.values[p]) for p in trained.values)
-    assert torch.equal(trained.u, solve(C, trained.i_star))
+    assert torch.equal(trained.u, metric_vector(inverse(C), trained.i_star))
     for k, v in model.model.state_dict().items():
         assert torch.equal(v, unet_before[k]), f"UNet weight {k} changed"
     for k, v in clip.cond_stage_model.state_dict().items():
