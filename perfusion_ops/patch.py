@@ -65,6 +65,18 @@ def check_concept_fits(concept: Concept, diffusion_model: torch.nn.Module, arch:
                                      f"{targets[path].shape[-1]}, the model's layer {getattr(attn, kind).out_features}.")
 
 
+def check_separable(concepts: list[Concept], limit: float = 0.999) -> None:
+    """Exact mode solves with G_ab = i*_aᵀ C⁻¹ i*_b; two concepts whose i* point the same way make it singular."""
+    for a, first in enumerate(concepts):
+        for second in concepts[a + 1:]:
+            g_ab = float(first.u.double() @ second.i_star.double())
+            g_aa, g_bb = float(first.u.double() @ first.i_star.double()), float(second.u.double() @ second.i_star.double())
+            if abs(g_ab) > limit * (g_aa * g_bb) ** 0.5:
+                raise PerfusionError(f"Concepts '{first.name}' and '{second.name}' have (almost) the same direction i*, "
+                                     "so they cannot be separated exactly. Apply only one of them, or set "
+                                     "multi_concept_mode to 'approximate'.")
+
+
 @dataclass(frozen=True, eq=False)
 class AppliedConcept:
     """A concept as one apply node added it: its own strength, gate and sigma window."""
@@ -189,6 +201,8 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = 0.70, t
     if duplicates:
         raise PerfusionError(f"Concept(s) {duplicates} applied twice to the same model. Apply each concept once; "
                              "to change its settings, change the node that applies it.")
+    if exact:
+        check_separable([a.concept for a in previous] + list(concepts))
     covariances = {a.concept.covariance for a in previous} | {c.covariance for c in concepts}
     if len(covariances) > 1:
         log.warning("Perfusion: combining concepts estimated with different covariances (%s); their gates are "
