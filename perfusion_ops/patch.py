@@ -65,16 +65,21 @@ def check_concept_fits(concept: Concept, diffusion_model: torch.nn.Module, arch:
                                      f"{targets[path].shape[-1]}, the model's layer {getattr(attn, kind).out_features}.")
 
 
-def check_separable(concepts: list[Concept], limit: float = 0.999) -> None:
-    """Exact mode solves with G_ab = i*_aᵀ C⁻¹ i*_b; two concepts whose i* point the same way make it singular."""
-    for a, first in enumerate(concepts):
-        for second in concepts[a + 1:]:
-            g_ab = float(first.u.double() @ second.i_star.double())
-            g_aa, g_bb = float(first.u.double() @ first.i_star.double()), float(second.u.double() @ second.i_star.double())
-            if abs(g_ab) > limit * (g_aa * g_bb) ** 0.5:
-                raise PerfusionError(f"Concepts '{first.name}' and '{second.name}' have (almost) the same direction i*, "
-                                     "so they cannot be separated exactly. Apply only one of them, or set "
-                                     "multi_concept_mode to 'approximate'.")
+def check_separable(concepts: list[Concept], limit: float = 1e-3) -> None:
+    """Exact mode solves with G_ab = u_aᵀ i*_b; concepts whose i* are (nearly) linearly dependent make it
+    singular. Refuse them by name when the smallest singular value of the normalised G is below `limit`."""
+    if len(concepts) < 2:
+        return
+    U = torch.stack([c.u for c in concepts]).double()
+    I = torch.stack([c.i_star for c in concepts]).double()
+    gram = U @ I.T
+    scale = gram.diagonal().abs().sqrt()
+    _, singular, vh = torch.linalg.svd(gram / scale[:, None] / scale[None, :])
+    if singular[-1] < limit:
+        involved = [c.name for c, weight in zip(concepts, vh[-1]) if abs(weight) > 0.1]
+        raise PerfusionError(f"Concepts {involved} have (almost) linearly dependent directions i*, so they cannot be "
+                             "separated exactly. Apply fewer of them together, or set multi_concept_mode to "
+                             "'approximate'.")
 
 
 @dataclass(frozen=True, eq=False)

@@ -209,6 +209,26 @@ def test_concepts_with_the_same_direction_fail_clearly_or_not_at_all(sd1):
     assert torch.isfinite(probe_run(patched, sd1)[0]).all()
 
 
+def test_linearly_dependent_concepts_fail_clearly_or_not_at_all(sd1):
+    from perfusion_ops.patch import PerfusionError, apply_concepts
+    arch, model, clip, context, pooled = sd1
+    a, b = random_concept(model, arch, "a", seed=40, context=context, position=1), \
+        random_concept(model, arch, "b", seed=41, context=context, position=2)
+    i_mix = (a.i_star + b.i_star) / 2  # in the span of the other two, yet like neither of them
+    mix = random_concept(model, arch, "mix", seed=42, context=context).replace(
+        i_star=i_mix, u=covariance_inverse_times(context, i_mix[None], 0.01)[0].float())
+    try:
+        patched = apply_concepts(model, [a, b, mix], exact=True)
+    except PerfusionError as e:
+        assert "mix" in str(e)
+        return
+    # Or the edit copes: no projection blows up (sane sets of 8 coupled concepts stay below 1x the plain size).
+    _, plain = probe_run(model, sd1)
+    _, edited = probe_run(patched, sd1)
+    growth = max(float(edited.records[k][1].norm() / plain.records[k][1].norm()) for k in plain.records)
+    assert growth < 10, f"an edited projection is {growth:.3g} times its unpatched size"
+
+
 # ---------------------------------------------------------------- invariances
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "approximate"])
