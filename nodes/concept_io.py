@@ -34,6 +34,8 @@ class PerfusionLoadConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, concept_name) -> io.NodeOutput:
+        if concept_name not in folder_paths.get_filename_list(CONCEPT_FOLDER):
+            raise ValueError(f"'{concept_name}' is not a concept file in models/perfusion (.safetensors).")
         path = folder_paths.get_full_path_or_raise(CONCEPT_FOLDER, concept_name)
         concept = read_concept(path)
         info = f"{concept.name} ({concept.arch}, superclass '{concept.superclass}', " \

@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..perfusion_ops.concept import ARCHITECTURES, TRAIN_BETA, TRAIN_TAU, ConceptSet
+from ..perfusion_ops.concept import ARCHITECTURES, TRAIN_BETA, TRAIN_TAU, ConceptSet, is_valid_name
 from ..perfusion_ops.covariance import cached_covariance, load_covariance_file
 from ..perfusion_ops.patch import model_architecture
 from ..perfusion_ops.train import TrainSettings, train_concept
@@ -84,8 +84,9 @@ class PerfusionTrainConcept(io.ComfyNode):
                 resolution=512, value_lr=0.03, embedding_lr=0.006, train_beta=TRAIN_BETA, train_tau=TRAIN_TAU,
                 flip=True, covariance=ESTIMATE, preview_every=0) -> io.NodeOutput:
         name = name.strip()
-        if not name or len(name.split()) != 1 or len(name) > 100:
-            raise ValueError(f"name must be one word without spaces (it is written embedding:<name>), got '{name}'.")
+        if not is_valid_name(name):
+            raise ValueError(f"name must be one word of letters, digits, '_', '-' or '.' (it is written "
+                             f"embedding:<name>), got '{name}'.")
         if images is None or images.shape[0] == 0:
             raise ValueError("No images: connect a batch of photos of the concept.")
         if masks is not None:

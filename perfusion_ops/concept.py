@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,12 @@ ARCHITECTURES = {
 }
 
 TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}")
+
+
+def is_valid_name(name: str) -> bool:
+    """A concept name works in prompts (embedding:<name>) and in file names: letters, digits, _ - ."""
+    return bool(NAME_PATTERN.fullmatch(name)) and ".." not in name
 INFERENCE_BETA, INFERENCE_TAU = 0.70, 0.15
 
 

@@ -19,7 +19,7 @@ import tempfile
 import safetensors.torch
 import torch
 
-from .concept import ARCHITECTURES, Concept
+from .concept import ARCHITECTURES, Concept, is_valid_name
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,9 @@ def _parse_metadata(meta: dict) -> dict:
     if any(c.isspace() for c in name):
         raise _Invalid(f"the concept name {_q(name)} contains whitespace; it must be one word, "
                        "as written in prompts (embedding:<name>)")
+    if not is_valid_name(name):
+        raise _Invalid(f"the concept name {_q(name)} may only use letters, digits, '_', '-' and '.' "
+                       "(it is written embedding:<name> and used in file names)")
     superclass = meta.get("perfusion.superclass", "")
     if not superclass.strip():
         raise _Invalid("the superclass (perfusion.superclass) is empty")

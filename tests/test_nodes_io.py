@@ -70,7 +70,9 @@ TEST_NODES = {
     "PerfusionTestCaptureLatent": _capture_node("LATENT"),
     "PerfusionTestCaptureConcept": _capture_node("PERFUSION_CONCEPT"),
     "PerfusionTestCaptureModel": _capture_node("MODEL"),
+    "PerfusionTestCaptureConditioning": _capture_node("CONDITIONING"),
     "PerfusionTestAfterModel": _after_node("MODEL"),
+    "PerfusionTestAfterClip": _after_node("CLIP"),
     "PerfusionTestAfterLatent": _after_node("LATENT"),
 }
 
@@ -187,17 +189,22 @@ def test_apply_in_a_graph_changes_the_sample_strength_zero_does_not_and_the_inpu
         "pos_patched": _encode(["apply", 1], TEXT),
         "k_patched": _ksampler(["apply", 0], ["pos_patched", 0], ["neg", 0], ["empty", 0]),
         "cap_patched": _capture(["k_patched", 0], "patched"),
-        # ... and again after the patched model has sampled.
+        # ... and again after the patched model has sampled; likewise the base CLIP encodes the prompt again.
         "latent_after_patched": {"class_type": "PerfusionTestAfterLatent",
                                  "inputs": {"value": ["empty", 0], "after": ["k_patched", 0]}},
         "k_base_after": _ksampler(base_model, ["pos_base", 0], ["neg", 0], ["latent_after_patched", 0]),
         "cap_base_after": _capture(["k_base_after", 0], "base_after"),
         "cap_base_model": _capture(base_model, "base_model", kind="Model"),
+        "cap_pos_base": _capture(["pos_base", 0], "pos_base", kind="Conditioning"),
+        "clip_after_patched": {"class_type": "PerfusionTestAfterClip",
+                               "inputs": {"value": base_clip, "after": ["k_patched", 0]}},
+        "pos_base_again": _encode(["clip_after_patched", 0], TEXT),
+        "cap_pos_base_again": _capture(["pos_base_again", 0], "pos_base_again", kind="Conditioning"),
         # The concept's word through the patched CLIP, but the unpatched model: isolates the model's edit.
         "k_words_only": _ksampler(base_model, ["pos_patched", 0], ["neg", 0], ["empty", 0]),
         "cap_words_only": _capture(["k_words_only", 0], "words_only"),
         # Strength 0: the MODEL output is the input model exactly, even with the concept's token in the prompt.
-        "apply_zero": _apply(base_model, base_clip, ["load", 0], strength=0.0),
+        "apply_zero": _apply(["model_after_base", 0], base_clip, ["load", 0], strength=0.0),
         "pos_zero": _encode(["apply_zero", 1], TEXT),
         "k_zero": _ksampler(["apply_zero", 0], ["pos_zero", 0], ["neg", 0], ["empty", 0]),
         "cap_zero": _capture(["k_zero", 0], "zero"),
@@ -214,8 +221,8 @@ def test_apply_in_a_graph_changes_the_sample_strength_zero_does_not_and_the_inpu
     _, outputs = run_prompt(prompt)
 
     c = CAPTURED
-    assert set(c) == {"base_before", "patched", "base_after", "base_model", "words_only", "zero", "zero_ref",
-                      "zero_plain", "plain"}
+    assert set(c) == {"base_before", "patched", "base_after", "base_model", "pos_base", "pos_base_again",
+                      "words_only", "zero", "zero_ref", "zero_plain", "plain"}
     assert c["patched"].shape == (1, 4, 8, 8) and torch.isfinite(c["patched"]).all()
     assert not torch.equal(c["patched"], c["base_before"]), "applying the concept did not change the sample"
     assert not torch.equal(c["patched"], c["words_only"]), "the patched MODEL did nothing beyond the word vector"
@@ -224,6 +231,8 @@ def test_apply_in_a_graph_changes_the_sample_strength_zero_does_not_and_the_inpu
     # The input MODEL is untouched by the apply node and by sampling its clone.
     assert torch.equal(c["base_before"], c["base_after"])
     assert c["base_model"].get_wrappers("diffusion_model", "perfusion") == []
+    # ... and so is the input CLIP: it still does not know the concept's word.
+    assert torch.equal(c["pos_base"][0][0], c["pos_base_again"][0][0])
     # Strength 0 is bit-identical to no apply node.
     assert torch.equal(c["zero"], c["zero_ref"])
     assert torch.equal(c["zero_plain"], c["plain"])
@@ -284,12 +293,15 @@ def test_save_refuses_a_prefix_outside_the_concept_folder(perfusion_dir, concept
 
 
 def test_save_refuses_a_concept_name_that_would_leave_the_folder(perfusion_dir, concept):
-    """The default prefix is the concept's own name, which comes from an untrusted file."""
-    filename = _write(concept.replace(name="../../escaped"), perfusion_dir)
+    """The default prefix is the concept's own name, which comes from an untrusted file: such a name is
+    refused when the file is read, so it never reaches the save path."""
+    filename = _write(concept, perfusion_dir)
+    path = perfusion_dir / filename
+    path.write_bytes(_resave(path.read_bytes(), meta={"perfusion.name": "../../escaped"}))
     root = perfusion_dir.parents[1]
     before = _snapshot(root)
     message = run_prompt_expecting_error(_save_prompt(filename))
-    assert "must be a relative name inside models/perfusion" in message, message
+    assert "may only use letters, digits" in message, message
     assert _snapshot(root) == before
     assert not (root.parent / "escaped_00001.safetensors").exists()
 
@@ -372,7 +384,7 @@ def test_load_node_refuses_a_bad_file_clearly_and_leaves_the_folder_alone(perfus
 
 def test_load_node_offers_only_safetensors_files_and_refuses_others_by_name(perfusion_dir, concept):
     """ComfyUI 0.3.64 does not check a V3 combo value against its options when it validates a prompt,
-    so a hand-written prompt can name any file: the reader itself must refuse it, and never unpickle."""
+    so a hand-written prompt can name any file: the node refuses names outside its list, never unpickling."""
     import folder_paths
     _write(concept, perfusion_dir)
     (perfusion_dir / "old.pt").write_bytes(_torch_save({"u": torch.ones(768)}))
@@ -380,10 +392,10 @@ def test_load_node_offers_only_safetensors_files_and_refuses_others_by_name(perf
     before = _snapshot(perfusion_dir.parent)
     message = run_prompt_expecting_error({"load": _load("old.pt"),
                                           "out": _capture(["load", 0], "concept", kind="Concept")})
-    assert "old.pt" in message and "pickle" in message, message
+    assert "old.pt" in message and "is not a concept file" in message, message
     message = run_prompt_expecting_error({"load": _load("missing.safetensors"),
                                           "out": _capture(["load", 0], "concept", kind="Concept")})
-    assert "missing.safetensors" in message and "not found" in message, message
+    assert "missing.safetensors" in message and "is not a concept file" in message, message
     assert "concept" not in CAPTURED
     assert _snapshot(perfusion_dir.parent) == before
 

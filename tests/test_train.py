@@ -12,7 +12,7 @@ from tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
 pytestmark = pytest.mark.host
 
 PHOTOS = Path(REPO).parent / "shared" / "data" / "concepts"
-SMALL_CORPUS = 24
+SMALL_CORPUS = 16
 
 
 def load_photos(concept="teddy", size=64):
