@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import boot_comfyui, environment, interleaved, loadavg, median, write_results_section  # noqa: E402
+from common import boot_comfyui, environment, init_random, interleaved, loadavg, median, write_results_section  # noqa: E402
 
 log = logging.getLogger("bench_apply")
 
@@ -60,21 +60,6 @@ SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_
 
 
 # ---------------------------------------------------------------- models and concepts
-
-def init_random(module, seed: int = 0, std: float = 0.02) -> None:
-    """ComfyUI's ops leave weights uninitialised (torch.empty); give every parameter a seeded value
-    (as tests/tiny_models.py does), so no garbage, NaN or denormal weights distort the timing."""
-    import torch
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-
 
 def build_model(config_name: str, device: str = "cpu"):
     import torch

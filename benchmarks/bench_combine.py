@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import logging
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,47 +34,13 @@ TARGET = 1.05
 N_CONCEPTS = 4
 
 # comfy/model_detection.py (unet_config_from_diffusers_unet, "SD15"), without dtype. supported_models.SD15
-# adds num_heads 8 / num_head_channels -1 itself (unet_extra_config).
-SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-             "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-             "use_temporal_attention": False, "use_temporal_resblock": False}
+from bench_apply import build_model  # noqa: E402  (after the constants above)
+from common import boot_comfyui, init_random, machine, write_results_section  # noqa: E402
 
 log = logging.getLogger("bench_combine")
 
 
 # ---------------------------------------------------------------- host
-
-def boot_comfyui() -> Path:
-    """ComfyUI found as the tests find it (tools/comfy_host.py), first on sys.path, on the CPU; the pack's
-    repository after it, so `import perfusion_ops` works and the pack's nodes/ does not shadow ComfyUI's."""
-    spec = importlib.util.spec_from_file_location("comfy_host", REPO / "tools" / "comfy_host.py")
-    comfy_host = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(comfy_host)
-    host = comfy_host.find_comfyui(REPO)
-    if host is None:
-        raise SystemExit("No ComfyUI host found: set COMFYUI_PATH or run `bash tools/test.sh` once.")
-    sys.path.insert(0, str(host))
-    sys.path.append(str(REPO))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    return host
-
-
-def describe_machine() -> str:
-    import torch
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = ""
-    try:
-        cpu = next((" (" + line.split(":", 1)[1].strip() + ")" for line in Path("/proc/cpuinfo").read_text()
-                    .splitlines() if line.startswith("model name")), "")
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cores}-core CPU{cpu}, {gpu}"
-
 
 def load_average() -> str:
     try:
@@ -88,28 +51,11 @@ def load_average() -> str:
 
 # ---------------------------------------------------------------- model and concepts
 
-def init_random(module, seed: int = 0, std: float = 0.02) -> None:
-    """ComfyUI's ops leave weights uninitialised; give every parameter a seeded value (as tests/tiny_models.py)."""
-    import torch
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
 def build_sd15():
     import torch
     import comfy.model_patcher
-    import comfy.supported_models as sm
     cpu = torch.device("cpu")
-    model_config = sm.SD15(dict(SD15_UNET))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=cpu)
+    model = build_model("sd15")
     init_random(model.diffusion_model, seed=0)
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
@@ -270,7 +216,7 @@ def bench(args) -> dict:
 def report(result: dict, args, command: str) -> str:
     import torch
     lines = [
-        f"Measured {datetime.date.today().isoformat()} on a 2-core CPU, no GPU ({describe_machine()}; "
+        f"Measured {datetime.date.today().isoformat()} on a 2-core CPU, no GPU ({machine()}; "
         f"shared with other jobs: load average {result['load'][0]} before, {result['load'][1]} after); "
         f"torch {torch.__version__} ({result['threads']} threads), Python {platform.python_version()}, "
         "ComfyUI v0.3.64. Reproduce with:",
@@ -321,25 +267,6 @@ def report(result: dict, args, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(heading: str, body: str, path: Path = RESULTS) -> None:
-    """Replace the section starting with `heading` (up to the next '## ' line) or append it; keep the rest."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    section = heading + "\n\n" + body.strip() + "\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".RESULTS.", suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repetitions", type=int, default=5, help="timed repetitions of each variant")
@@ -371,7 +298,7 @@ def main() -> int:
     text = report(result, args, command)
     log.info("report:\n%s", text)
     if args.write:
-        write_section(SECTION, text)
+        write_results_section(SECTION, text)
         log.info("wrote the section %r of %s", SECTION, RESULTS)
     summary = ", ".join(f"{name} {v['ratio']:.4f}x (CPU {v['cpu_ratio']:.4f}x)"
                         for name, v in result["variants"].items() if name != "unpatched")

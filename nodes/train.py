@@ -27,6 +27,15 @@ def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return comfy.utils.common_upscale(pixels, resolution, resolution, "bicubic", "disabled").movedim(1, -1).clamp(0, 1)
 
 
+def _show_text(text: str, node_id) -> None:
+    """The current loss on the node, in the editor (no-op without a running server)."""
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, node_id)
+    except (ImportError, AttributeError):
+        pass
+
+
 class PerfusionTrainConcept(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -75,6 +84,7 @@ class PerfusionTrainConcept(io.ComfyNode):
                 io.Int.Input("preview_every", default=0, min=0, max=10000, optional=True,
                              tooltip="Show a preview of the model's denoised guess every N steps (0: no previews)."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[PerfusionConcept.Output(display_name="concept", tooltip="The trained concept."),
                      io.LossMap.Output(display_name="loss", tooltip="Loss per step, for 'Plot Loss Graph'.")],
         )
@@ -121,6 +131,7 @@ class PerfusionTrainConcept(io.ComfyNode):
             if previewer is not None and (step + 1) % preview_every == 0:
                 preview = previewer.decode_latent_to_preview_image("JPEG", x0_prediction[:1])
             progress.update_absolute(step + 1, steps, preview)
+            _show_text(f"step {step + 1}/{steps}, loss {loss:.4f}", cls.hidden.unique_id)
             if (step + 1) % max(1, steps // 10) == 0:
                 log.info("Perfusion training '%s': step %d/%d, loss %.5f", name, step + 1, steps, loss)
 

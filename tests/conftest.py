@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 

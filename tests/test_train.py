@@ -74,7 +74,6 @@ def fixed_denoising_loss(model, clip, concept, latents, masks, draws=8, beta=0.7
     x0 = model.model.process_latent_in(latents)
     weight = torch.nn.functional.interpolate(masks[:, None], size=x0.shape[-2:], mode="bilinear")
     weight = weight / weight.amax(dim=(2, 3), keepdim=True)
-    from reference import run_unet  # noqa: F401  (same wrapper path as sampling)
     from comfy.patcher_extension import copy_nested_dicts
     total = 0.0
     with torch.no_grad():
@@ -218,7 +217,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     import comfy.utils
     import folder_paths
     import nodes
-    from comfy_runner import StubServer, run_prompt
+    from comfy_runner import StubServer
     import execution
     import asyncio
     register_test_nodes()
@@ -247,3 +246,24 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     for (k, v), (k2, v2) in zip(sorted(cached_model.model.state_dict().items()), sorted(fresh.model.state_dict().items())):
         assert k == k2 and torch.equal(v, v2), f"{k} changed by the cancelled run"
     assert not cached_model.weight_wrapper_patches and not cached_model.object_patches
+
+
+def test_train_node_refuses_bad_input_clearly():
+    """No images, masks that do not match, a bad name, a model without cross-attention: clear errors."""
+    import nodes
+    from perfusion_ops.patch import PerfusionError
+    node = nodes.NODE_CLASS_MAPPINGS["PerfusionTrainConcept"]
+    model, clip, vae = tiny_model("sd1"), tiny_clip("sd1"), tiny_vae()
+    images = torch.rand(2, 64, 64, 3)
+    common = dict(model=model, clip=clip, vae=vae, superclass="teddy", steps=1, seed=0)
+    with pytest.raises(ValueError, match="No images"):
+        node.execute(images=images[:0], name="hugsy", **common)
+    with pytest.raises(ValueError, match="3 masks for 2 images"):
+        node.execute(images=images, masks=torch.rand(3, 64, 64), name="hugsy", **common)
+    with pytest.raises(ValueError, match="name must be one word"):
+        node.execute(images=images, name="my teddy", **common)
+    no_cross_attention = model.clone()
+    no_cross_attention.model = torch.nn.Module()  # e.g. a model family without text cross-attention
+    no_cross_attention.model.diffusion_model = torch.nn.Linear(2, 2)
+    with pytest.raises(PerfusionError, match="no cross-attention"):
+        node.execute(images=images, name="hugsy", **{**common, "model": no_cross_attention})
