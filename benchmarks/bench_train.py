@@ -2,7 +2,7 @@
 
 Each variant runs in its own fresh process (so peak memory is its own): a full-size SD1.5 UNet and a
 full-size CLIP-L with random weights, float32, batch 1 at 256x256 (latent 32x32) on the CPU, or on the
-GPU where one is present (`--device cuda`, also timing 400 steps at batch 4 with `--long`).
+GPU where one is present (`--device cuda`; the reference recipe's run is `--steps 400 --batch 4`).
 
     python benchmarks/bench_train.py [--steps 4] [--write]
 """
