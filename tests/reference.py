@@ -55,6 +55,25 @@ def random_concept(model, arch, name, seed=0, with_keys=False, context=None, pos
                    i_super=torch.randn(d, generator=g), values=values, keys=keys, covariance="test")
 
 
+def weights_of(model):
+    """Every cross-attention to_k/to_v weight of `model`, keyed (layer path, "to_k" | "to_v")."""
+    from perfusion_ops.patch import cross_attention_layers
+    return {(p, kind): getattr(attn, kind).weight.detach().clone()
+            for p, attn in cross_attention_layers(model.model.diffusion_model).items() for kind in ("to_k", "to_v")}
+
+
+def reference_settings(concepts_settings, path, kind, W):
+    """reference_projection's per-concept dicts for one projection; locked keys target W_k i_super."""
+    refs = []
+    for concept, strength, beta, tau in concepts_settings:
+        if kind == "to_v":
+            target = concept.values[path]
+        else:
+            target = concept.keys[path] if path in concept.keys else W.double() @ concept.i_super.double()
+        refs.append(dict(i_star=concept.i_star, u=concept.u, target=target, strength=strength, beta=beta, tau=tau))
+    return refs
+
+
 class ProjectionProbe:
     """A DIFFUSION_MODEL wrapper that records every cross-attention to_k/to_v input and (final) output."""
 

@@ -13,7 +13,8 @@ import logging
 import pytest
 import torch
 
-from reference import ProjectionProbe, adm_for, random_concept, reference_projection, run_unet
+from reference import (ProjectionProbe, adm_for, random_concept, reference_projection, reference_settings,
+                       run_unet, weights_of)
 from tiny_models import register_test_nodes, tiny_clip, tiny_model
 
 pytestmark = pytest.mark.host
@@ -104,23 +105,6 @@ def separated_concepts(model, arch, context, k):
     """k concepts on distinct tokens, with random_concept's own (well-whitening) covariance."""
     return [random_concept(model, arch, f"s{a}", seed=20 + a, context=context, position=POSITIONS[a])
             for a in range(k)]
-
-
-def weights_of(model):
-    from perfusion_ops.patch import cross_attention_layers
-    return {(p, kind): getattr(attn, kind).weight.detach().clone()
-            for p, attn in cross_attention_layers(model.model.diffusion_model).items() for kind in ("to_k", "to_v")}
-
-
-def reference_settings(concepts_settings, path, kind, W):
-    refs = []
-    for concept, strength, beta, tau in concepts_settings:
-        if kind == "to_v":
-            target = concept.values[path]
-        else:
-            target = concept.keys[path] if path in concept.keys else W.double() @ concept.i_super.double()
-        refs.append(dict(i_star=concept.i_star, u=concept.u, target=target, strength=strength, beta=beta, tau=tau))
-    return refs
 
 
 def reference_errors(probe, concepts_settings, weights, exact):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from reference import ProjectionProbe, adm_for, random_concept, reference_projection, run_unet
+from reference import (ProjectionProbe, adm_for, random_concept, reference_projection, reference_settings,
+                       run_unet, weights_of)
 from tiny_models import ARCHS, sample, tiny_clip, tiny_model
 
 pytestmark = pytest.mark.host
@@ -27,22 +28,9 @@ def check_against_reference(probe, concepts_settings, exact=True, weights=None, 
     for (path, kind), (x, out) in probe.records.items():
         W = weights[(path, kind)] if weights else None
         assert W is not None
-        refs = []
-        for concept, strength, beta, tau in concepts_settings:
-            if kind == "to_v":
-                target = concept.values[path]
-            else:
-                target = concept.keys[path] if path in concept.keys else W.double() @ concept.i_super.double()
-            refs.append(dict(i_star=concept.i_star, u=concept.u, target=target, strength=strength, beta=beta, tau=tau))
-        expected = reference_projection(W, x, refs, exact=exact)
+        expected = reference_projection(W, x, reference_settings(concepts_settings, path, kind, W), exact=exact)
         err = (out.double() - expected).norm() / expected.norm()
         assert err < rel_tol, f"{path}.{kind}: relative error {err:.2e}"
-
-
-def weights_of(model):
-    from perfusion_ops.patch import cross_attention_layers
-    return {(p, kind): getattr(attn, kind).weight.detach().clone()
-            for p, attn in cross_attention_layers(model.model.diffusion_model).items() for kind in ("to_k", "to_v")}
 
 
 @pytest.mark.parametrize("strength,beta,tau", [(1.0, 0.70, 0.15), (0.5, 0.3, 0.05), (2.0, 1.0, 0.5), (1.0, -0.5, 1.0)])
