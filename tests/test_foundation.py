@@ -71,3 +71,20 @@ def test_perfusion_ops_imports_without_comfyui():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.host
+def test_pyproject_is_a_valid_registry_file_for_comfyui():
+    """ComfyUI parses pyproject.toml with its own registry model when it loads the pack."""
+    import tomllib
+    from comfy_config import config_parser
+    config = config_parser.extract_node_configuration(str(REPO))
+    assert config.project.name == "perfusion" and config.project.version.count(".") == 2
+    assert config.project.license.file == "LICENSE" and (REPO / "LICENSE").is_file()
+    assert config.tool_comfy.publisher_id and config.tool_comfy.display_name == "Perfusion"
+    raw = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert raw["tool"]["comfy"]["requires-comfyui"].startswith(">=0.3.64")
+    # Run-time requirements stay minimal and never reinstall torch into a user's ComfyUI.
+    requirements = [line.split(">")[0].split("=")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert requirements == ["safetensors", "einops"]
