@@ -114,7 +114,8 @@ class PerfusionTrainConcept(io.ComfyNode):
 
         if covariance == ESTIMATE:
             cache = folder_paths.get_folder_paths(COVARIANCE_FOLDER)[0]
-            C, covariance_id = cached_covariance(clip, cache)
+            estimating = comfy.utils.ProgressBar(1)  # only advances when C is not in the cache yet
+            C, covariance_id = cached_covariance(clip, cache, lambda done, total: estimating.update_absolute(done, total))
         else:
             C, covariance_id = load_covariance_file(folder_paths.get_full_path_or_raise(COVARIANCE_FOLDER, covariance),
                                                     context_dim)

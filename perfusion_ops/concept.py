@@ -15,13 +15,13 @@ ARCHITECTURES = {
 }
 
 TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
+INFERENCE_BETA, INFERENCE_TAU = 0.70, 0.15
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}")
 
 
 def is_valid_name(name: str) -> bool:
     """A concept name works in prompts (embedding:<name>) and in file names: letters, digits, _ - ."""
     return bool(NAME_PATTERN.fullmatch(name)) and ".." not in name
-INFERENCE_BETA, INFERENCE_TAU = 0.70, 0.15
 
 
 @dataclass(frozen=True, eq=False)
