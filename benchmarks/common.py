@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO / "tests"))
+sys.path.append(str(REPO / "tools"))
 from tiny_models import init_random  # noqa: E402,F401  (re-exported: one weight initialisation for tests and benchmarks)
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 RESULTS_TITLE = "# Benchmark results\n\nFigures measured by the scripts in `benchmarks/`; each section says how to reproduce it.\n"

@@ -1,0 +1,85 @@
+"""A tiny SD1.5-format checkpoint that ComfyUI's stock CheckpointLoaderSimple loads.
+
+For smoke runs, server tests and the editor test, where the graph must use the stock loader: the UNet is
+the smallest one ComfyUI still detects as SD1.5 (model_channels 320, context_dim 768, one level), the text
+encoder is SD1.5's own CLIP-L architecture (ComfyUI builds it from a fixed config), and the VAE is TAESD.
+All weights are random: what it draws is noise. Needs ComfyUI on sys.path.
+
+    python tools/tiny_checkpoint.py OUT.safetensors [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import init_random  # noqa: E402  (tools/ is not a package)
+
+CPU = torch.device("cpu")
+TINY_SD15_UNET = {
+    "model_channels": 320, "context_dim": 768, "use_linear_in_transformer": False, "adm_in_channels": None,
+    "use_temporal_attention": False, "use_temporal_resblock": False, "use_checkpoint": False, "image_size": 32,
+    "in_channels": 4, "out_channels": 4, "legacy": False, "use_spatial_transformer": True,
+    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1],
+}
+
+
+def tiny_sd15_state_dict(seed: int = 0, unet_std: float = 0.02) -> dict[str, torch.Tensor]:
+    """The state dict of a random tiny SD1.5-format checkpoint, in float16."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models as sm
+    import comfy.supported_models_base as smb
+    from comfy.taesd.taesd import TAESD
+
+    model_config = sm.SD15(dict(TINY_SD15_UNET))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=CPU)
+    init_random(model.diffusion_model, seed, unet_std)
+
+    clip = comfy.sd.CLIP(smb.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+                         model_options={"dtype": torch.float32})
+    init_random(clip.cond_stage_model, seed + 1)
+    clip_sd = {k: v for k, v in clip.get_sd().items() if not k.endswith("position_ids")}
+
+    vae = TAESD()
+    init_random(vae, seed + 2, std=0.04)  # its convolutions skip initialisation too
+    with torch.no_grad():
+        vae.vae_scale.fill_(1.0)
+        vae.vae_shift.zero_()
+    vae_sd = vae.state_dict()
+
+    state_dict = model.state_dict_for_saving(clip_sd, vae_sd)
+    return {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in state_dict.items()}
+
+
+def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the checkpoint atomically (temporary name, then rename) and return its path."""
+    import comfy.utils
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    comfy.utils.save_torch_file(tiny_sd15_state_dict(seed), str(temporary),
+                                metadata={"perfusion.note": "tiny random SD1.5-format model; draws noise"})
+    os.replace(temporary, path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.info("wrote %s", write_tiny_checkpoint(args.output, args.seed))
+
+
+if __name__ == "__main__":
+    main()
