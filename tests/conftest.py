@@ -31,6 +31,7 @@ def _boot_host():
     sys.path.insert(0, str(HOST))
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (comfyui-host.md §6.1)
+    import utils.install_util  # noqa: F401  (as main.py does: before nodes.py puts comfy/ first on sys.path)
     import nodes
     logging.getLogger().setLevel(logging.WARNING)
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -85,8 +86,21 @@ def perfusion_dir(tmp_path, monkeypatch):
     output.mkdir()
     old_output, old_temp = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
     folder_paths.set_output_directory(str(output))
+    (tmp_path / "temp").mkdir()
     folder_paths.set_temp_directory(str(tmp_path / "temp"))
     yield concepts
     folder_paths.set_output_directory(old_output)
     folder_paths.set_temp_directory(old_temp)
     folder_paths.filename_list_cache.pop("perfusion", None)
+
+
+SMALL_CORPUS = 16
+
+
+@pytest.fixture
+def small_corpus(monkeypatch):
+    """The shipped corpus, cut short so the tiny CLIP estimates C in seconds (only the count changes)."""
+    from perfusion_ops import covariance
+    corpus = covariance.load_corpus()[:SMALL_CORPUS]
+    monkeypatch.setattr(covariance, "load_corpus", lambda path=covariance.CORPUS: list(corpus))
+    return corpus

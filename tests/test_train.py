@@ -12,7 +12,6 @@ from tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
 pytestmark = pytest.mark.host
 
 PHOTOS = Path(REPO).parent / "shared" / "data" / "concepts"
-SMALL_CORPUS = 16
 
 
 def load_photos(concept="teddy", size=64):
@@ -25,15 +24,6 @@ def load_photos(concept="teddy", size=64):
     masks = [np.asarray(Image.open(folder / "mask" / f.name).convert("L").resize((size, size), Image.BILINEAR)) / 255.0
              for f in files]
     return torch.tensor(np.stack(images), dtype=torch.float32), torch.tensor(np.stack(masks), dtype=torch.float32)
-
-
-@pytest.fixture
-def small_corpus(monkeypatch):
-    """The shipped corpus, cut short so the tiny CLIP estimates C in seconds (only the count changes)."""
-    from perfusion_ops import covariance
-    corpus = covariance.load_corpus()[:SMALL_CORPUS]
-    monkeypatch.setattr(covariance, "load_corpus", lambda path=covariance.CORPUS: list(corpus))
-    return corpus
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

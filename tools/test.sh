@@ -1,32 +1,8 @@
 #!/usr/bin/env bash
 # Set up a test environment on a fresh machine and run the test suite.
 #   bash tools/test.sh [pytest args...]
-# - creates (or reuses) a virtual environment in the user cache with requirements-dev.txt;
-# - finds the ComfyUI host (COMFYUI_PATH, the custom_nodes parent, or the cached v0.3.64 checkout,
-#   cloning it when possible); without one, the host tests are skipped and say so loudly;
-# - runs pytest.
+# Without a ComfyUI host, the tests that need it are SKIPPED (not passed), with a loud line.
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-perfusion"
-venv="${PERFUSION_VENV:-$cache/venv}"
-python=${PYTHON:-$(command -v python3.11 || command -v python3)}
-
-stamp=$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.perfusion-stamp" 2>/dev/null)" != "$stamp" ]; then
-  echo "[setup] creating the test environment in $venv (torch install takes about a minute)"
-  rm -rf "$venv"
-  mkdir -p "$(dirname "$venv")"
-  "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements-dev.txt"
-  echo "$stamp" > "$venv/.perfusion-stamp"
-fi
-
-if host=$("$venv/bin/python" "$root/tools/comfy_host.py" --provide); then
-  export COMFYUI_PATH="$host"
-  echo "[setup] ComfyUI host: $COMFYUI_PATH"
-else
-  echo "[setup] WARNING: no ComfyUI host; the tests that need it will be SKIPPED, not passed."
-fi
-
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$root"
 exec "$venv/bin/python" -m pytest "$@"

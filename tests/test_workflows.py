@@ -1,0 +1,186 @@
+"""The shipped workflows: editor format, up to date with the nodes, and executed by ComfyUI's executor.
+
+Each file in workflows/ is converted to the API form (tools/workflow_api.py) and run in-process on tiny
+models: the stock checkpoint loader is swapped for the test-only tiny loader (same MODEL, CLIP, VAE
+outputs), everything else runs as shipped, with fewer steps and small images. The README's headless
+command is run as written, on a fresh output folder.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from tiny_models import register_test_nodes
+from workflow_api import WorkflowError, nodes_of_type, object_info_in_process, ui_to_api, widget_values_by_name
+
+pytestmark = pytest.mark.host
+
+WORKFLOWS = REPO / "workflows"
+WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
+TRAIN, GENERATE, TWO = "perfusion_train_concept.json", "perfusion_generate.json", "perfusion_two_concepts.json"
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def to_api(workflow: dict) -> dict:
+    return ui_to_api(workflow, object_info_in_process({node["type"] for node in workflow["nodes"]}))
+
+
+def test_the_three_workflows_ship():
+    assert {TRAIN, GENERATE, TWO} <= {path.name for path in WORKFLOW_FILES}
+
+
+def test_workflow_files_are_what_make_workflows_writes_for_the_current_nodes():
+    """A node input added without regenerating the workflows fails here: run tools/make_workflows.py."""
+    import make_workflows
+    info = make_workflows.node_definitions()
+    for filename, build in make_workflows.BUILDERS.items():
+        shipped = json.loads((WORKFLOWS / filename).read_text())
+        assert shipped == json.loads(json.dumps(build(info))), f"{filename} is stale: run tools/make_workflows.py"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_workflow_is_a_consistent_editor_graph_of_known_nodes_with_notes(path):
+    import nodes
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4
+    by_id = {node["id"]: node for node in workflow["nodes"]}
+    assert len(by_id) == len(workflow["nodes"])
+    for link_id, origin, origin_slot, target, target_slot, kind in workflow["links"]:
+        assert link_id in by_id[origin]["outputs"][origin_slot]["links"]
+        assert by_id[target]["inputs"][target_slot]["link"] == link_id
+        assert kind == by_id[origin]["outputs"][origin_slot]["type"]
+    for node in workflow["nodes"]:
+        assert node["type"] == "Note" or node["type"] in nodes.NODE_CLASS_MAPPINGS, node["type"]
+    notes = [node for node in workflow["nodes"] if node["type"] == "Note"]
+    assert notes and all(len(note["widgets_values"][0]) > 100 for note in notes)
+    # The user must choose the checkpoint: a note says so.
+    assert any("checkpoint" in note["widgets_values"][0].lower() for note in notes)
+
+
+def test_conversion_follows_the_editor_seed_control_muted_nodes_and_links():
+    workflow = load(TRAIN)
+    prompt = to_api(workflow)
+    train = nodes_of_type(prompt, "PerfusionTrainConcept")[0]["inputs"]
+    # "fixed", the seed's control value, is not sent and does not shift the inputs after it.
+    assert train["seed"] == 0 and train["batch_size"] == 4 and train["resolution"] == 512
+    assert "fixed" not in train.values()
+    assert isinstance(train["model"], list) and len(train["model"]) == 2
+    # The mask nodes ship muted: left out, and so is the link into the optional masks input.
+    assert "masks" not in train
+    assert not nodes_of_type(prompt, "ImageToMask") and all(node["class_type"] != "Note" for node in prompt.values())
+    unmuted = copy.deepcopy(workflow)
+    for node in unmuted["nodes"]:
+        node["mode"] = 0
+    train = nodes_of_type(to_api(unmuted), "PerfusionTrainConcept")[0]["inputs"]
+    assert "masks" in train
+
+
+def test_conversion_gives_defaults_to_inputs_added_after_a_workflow_was_saved_and_refuses_extra_values():
+    workflow = load(TRAIN)
+    node = next(n for n in workflow["nodes"] if n["type"] == "PerfusionTrainConcept")
+    info = object_info_in_process(["PerfusionTrainConcept"])["PerfusionTrainConcept"]
+    old = dict(node, widgets_values=node["widgets_values"][:-2])  # as saved before the last two inputs existed
+    values = widget_values_by_name(old, info)
+    assert values["name"] == "my_concept" and len(values) == len(widget_values_by_name(node, info)) - 2
+    with pytest.raises(WorkflowError, match="widget values"):
+        widget_values_by_name(dict(node, widgets_values=node["widgets_values"] + [1]), info)
+    with pytest.raises(WorkflowError, match="superclass"):
+        widget_values_by_name(dict(node, widgets_values=node["widgets_values"][:1]), info)
+
+
+def _on_tiny_models(prompt: dict, **train_inputs) -> dict:
+    """The prompt with the stock checkpoint loader swapped for the tiny one, few steps and small images."""
+    for node in nodes_of_type(prompt, "CheckpointLoaderSimple"):
+        node["class_type"] = "PerfusionTestTinyCheckpoint"
+        node["inputs"] = {"arch": "sd1", "seed": 0, "weight_std": 0.02}
+    for node in nodes_of_type(prompt, "PerfusionTrainConcept"):
+        node["inputs"].update({"steps": 2, "resolution": 64, "batch_size": 2, **train_inputs})
+    for node in nodes_of_type(prompt, "KSampler"):
+        node["inputs"]["steps"] = 2
+    for node in nodes_of_type(prompt, "EmptyLatentImage"):
+        node["inputs"]["width"] = node["inputs"]["height"] = 64
+    return prompt
+
+
+@pytest.fixture
+def photo_folder(tmp_path, monkeypatch):
+    """input/my_concept/ with four small photos and input/my_concept/mask/ with their masks."""
+    import folder_paths
+    from PIL import Image
+    input_dir = tmp_path / "input"
+    (input_dir / "my_concept" / "mask").mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (48, 48), (40 * index, 100, 200 - 40 * index)).save(input_dir / "my_concept" / f"{index}.png")
+        Image.new("L", (48, 48), 255 if index % 2 else 128).save(input_dir / "my_concept" / "mask" / f"{index}.png")
+    old = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(input_dir))
+    yield input_dir
+    folder_paths.set_input_directory(old)
+
+
+def _saved_images(outputs: dict, output_dir: Path) -> list[Path]:
+    paths = [output_dir / image["subfolder"] / image["filename"]
+             for node in outputs.values() for image in node.get("images", []) if image["type"] == "output"]
+    assert paths and all(path.is_file() for path in paths)
+    return paths
+
+
+def test_every_shipped_workflow_runs_in_comfyuis_executor_on_tiny_models(perfusion_dir, photo_folder, small_corpus):
+    import folder_paths
+    from comfy_runner import run_prompt
+    register_test_nodes()
+    output_dir = Path(folder_paths.get_output_directory())
+    ran = set()
+
+    # Train, with and without the shipped-muted mask nodes: concept file, loss plot and a test image.
+    _, outputs = run_prompt(_on_tiny_models(to_api(load(TRAIN))))
+    assert (perfusion_dir / "my_concept_00001.safetensors").is_file()
+    _saved_images(outputs, output_dir)
+    with_masks = load(TRAIN)
+    for node in with_masks["nodes"]:
+        node["mode"] = 0
+    run_prompt(_on_tiny_models(to_api(with_masks), name="my_other_concept", superclass="cat"))
+    assert (perfusion_dir / "my_other_concept_00001.safetensors").is_file()
+    ran.add(TRAIN)
+
+    # Generate and two concepts load what training saved, under the names the workflows ship with.
+    for name in (GENERATE, TWO):
+        _, outputs = run_prompt(_on_tiny_models(to_api(load(name))))
+        _saved_images(outputs, output_dir)
+        ran.add(name)
+    assert ran == {path.name for path in WORKFLOW_FILES}, "a shipped workflow is not run by this test"
+
+
+def test_the_readme_headless_command_runs_the_whole_chain_in_a_fresh_copy(tmp_path):
+    """The README's main-job command, as written there, in a copy of the working tree (as a fresh clone)."""
+    readme = (REPO / "README.md").read_text()
+    command = "bash tools/run.sh --output perfusion-output"
+    assert command in readme
+    clone = tmp_path / "perfusion"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", "__pycache__", "perfusion-output"))
+    result = subprocess.run(command.split(), cwd=clone, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "SMOKE RUN" in log
+    output = clone / "perfusion-output"
+    assert list((output / "concepts").glob("my_concept_*.safetensors"))
+    assert len(list((output / "perfusion").glob("*.png"))) >= 2
+
+
+def test_readme_documents_every_input_of_every_node(pack):
+    """The README's node tables name every input (a new input without documentation fails here)."""
+    readme = (REPO / "README.md").read_text()
+    for node in pack.nodes.NODES:
+        schema = node.define_schema()
+        assert f"(`{schema.node_id}`)" in readme, schema.node_id
+        for item in schema.inputs:
+            assert item.id in readme, f"{schema.node_id}.{item.id} is not in the README"
