@@ -184,3 +184,16 @@ def test_readme_documents_every_input_of_every_node(pack):
         assert f"(`{schema.node_id}`)" in readme, schema.node_id
         for item in schema.inputs:
             assert item.id in readme, f"{schema.node_id}.{item.id} is not in the README"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "/nonexistent/model.safetensors"], "--checkpoint /nonexistent/model.safetensors: no such file"),
+    (["--images", "/nonexistent/photos"], "--images /nonexistent/photos: no such folder"),
+    (["no_such_workflow.json"], "No workflow"),
+])
+def test_headless_runner_refuses_missing_inputs_with_a_clear_message(args, message):
+    import sys
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "run_workflow.py"), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr

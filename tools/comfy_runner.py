@@ -1,4 +1,7 @@
-"""Run an API-format prompt through ComfyUI's own executor, in-process (comfyui-host.md §6.4)."""
+"""Run an API-format prompt through ComfyUI's own executor, in-process (comfyui-host.md §6.4).
+
+Used by the tests and by the headless runner (tools/run_workflow.py).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -23,20 +26,28 @@ class StubServer:
 
 
 class PromptFailed(AssertionError):
-    pass
+    """A prompt that did not validate or failed in a node, with ComfyUI's own message."""
 
 
-def run_prompt(prompt: dict, executor=None):
-    """Validate and execute `prompt`; returns (executor, ui outputs by node id). Raises on failure."""
+def _validation_message(error: dict, node_errors: dict) -> str:
+    details = "; ".join(f"node {node}: {e['message']} {e.get('details', '')}".strip()
+                        for node, errors in node_errors.items() for e in errors.get("errors", []))
+    return f"the prompt does not validate: {error.get('message', error)}. {details}".strip()
+
+
+def run_prompt(prompt: dict, executor=None, prompt_id: str | None = None):
+    """Validate and execute `prompt`; returns (executor, ui outputs by node id). Raises PromptFailed."""
     import execution
-    prompt_id = f"test-{next(_ids)}"
+    prompt_id = prompt_id or f"test-{next(_ids)}"
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
-        raise PromptFailed(f"prompt did not validate: {error} {node_errors}")
+        raise PromptFailed(_validation_message(error, node_errors))
     executor = executor or execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC)
     executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
     if not executor.success:
-        raise PromptFailed(f"prompt failed: {executor.status_messages[-1]}")
+        event, data = executor.status_messages[-1]
+        raise PromptFailed(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                           f"{data.get('exception_message', data)}")
     return executor, executor.history_result["outputs"]
 
 

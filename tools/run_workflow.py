@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import comfy_host  # noqa: E402
+from comfy_runner import PromptFailed, run_prompt  # noqa: E402
 from workflow_api import nodes_of_type, object_info_in_process, ui_to_api  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
@@ -147,7 +148,10 @@ class Run:
         before = set(self.concepts_dir.glob("*.safetensors"))
         log.info("running %s (%d nodes)", workflow_file.name, len(prompt))
         started = time.perf_counter()
-        outputs = _execute(prompt, workflow_file.stem)
+        try:
+            _, outputs = run_prompt(prompt, prompt_id=workflow_file.stem)
+        except PromptFailed as error:
+            raise SystemExit(f"{workflow_file.name}: {error}") from None
         log.info("finished %s in %.1f s", workflow_file.name, time.perf_counter() - started)
         new_concepts = sorted(set(self.concepts_dir.glob("*.safetensors")) - before)
         self.trained += [p.name for p in new_concepts]
@@ -233,34 +237,6 @@ def _log_progress(value, total, preview, node_id=None) -> None:
         log.info("  progress %d/%d", value, total)
 
 
-class _Server:
-    """The little of PromptServer that PromptExecutor uses when no client is connected."""
-
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-    sockets_metadata: dict = {}
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-
-def _execute(prompt: dict, prompt_id: str) -> dict:
-    import execution
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid:
-        details = "; ".join(f"node {node}: {e['errors'][0]['message']} {e['errors'][0].get('details', '')}"
-                            for node, e in node_errors.items() if e.get("errors"))
-        raise SystemExit(f"The workflow does not validate: {error.get('message')}. {details}")
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
-    executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
-    if not executor.success:
-        event, data = executor.status_messages[-1]
-        raise SystemExit(f"The workflow failed in node {data.get('node_id')} ({data.get('node_type')}): "
-                         f"{data.get('exception_message', data)}")
-    return executor.history_result["outputs"]
-
-
 def _write_placeholder_photos(folder: Path) -> None:
     """Four 64x64 photos of a brown blob on different backgrounds, for the smoke run."""
     from PIL import Image, ImageDraw
@@ -282,6 +258,12 @@ def main(argv=None) -> int:
         if not workflow_file.is_file():
             raise SystemExit(f"No workflow {workflow_file}; shipped ones: "
                              f"{', '.join(p.name for p in sorted(WORKFLOWS.glob('*.json')))}")
+    for option, path in (("--checkpoint", args.checkpoint), ("--images", args.images), ("--masks", args.masks)):
+        if path is not None and not (path.is_dir() if option != "--checkpoint" else path.is_file()):
+            raise SystemExit(f"{option} {path}: no such {'file' if option == '--checkpoint' else 'folder'}.")
+    for concept in args.concept:
+        if not concept.is_file():
+            raise SystemExit(f"--concept {concept}: no such file.")
     trains = any("PerfusionTrainConcept" in w.read_text() for w in workflow_files)
     if trains and args.images is None and args.checkpoint is not None:
         raise SystemExit("Training needs photos: pass --images <folder of 3-10 photos of the concept>.")
