@@ -8,11 +8,14 @@ venv="${PERFUSION_VENV:-$cache/venv}"
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 stamp=$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.perfusion-stamp" 2>/dev/null)" != "$stamp" ]; then
+if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating the environment in $venv (torch install takes about a minute)"
-  rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
   "$python" -m venv "$venv"
+fi
+if [ "$(cat "$venv/.perfusion-stamp" 2>/dev/null)" != "$stamp" ]; then
+  # New or changed requirements: installed on top, so a run in progress elsewhere keeps its environment.
+  echo "[setup] installing requirements-dev.txt into $venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements-dev.txt"
   echo "$stamp" > "$venv/.perfusion-stamp"
 fi

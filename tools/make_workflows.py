@@ -218,7 +218,7 @@ def two_concepts(info: dict) -> dict:
                       size=(440, 60))
     second = graph.add("PerfusionLoadConcept", (20, 560),
                        {"concept_name": f"{OTHER_CONCEPT}_00001.safetensors"}, size=(440, 60))
-    combine = graph.add("PerfusionCombineConcepts", (500, 460), size=(320, 100))
+    combine = graph.add("PerfusionCombineConcepts", (500, 520), size=(320, 100))
     apply = graph.add("PerfusionApplyConcept", (500, 200), size=(320, 250))
     graph.connect(first, "concept", combine, "concept_1")
     graph.connect(second, "concept", combine, "concept_2")

@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True  # random weights need no GPU; before comfy.model_management is imported
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.info("wrote %s", write_tiny_checkpoint(args.output, args.seed))
 

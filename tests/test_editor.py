@@ -1,0 +1,431 @@
+"""Issue 9: the shipped workflows in ComfyUI's own editor, in headless Chromium, against the real server.
+
+The server (tests/comfy_server.py) serves the editor from the frontend package that ComfyUI v0.3.64's
+requirements name (comfyui-frontend-package==1.27.10). Its folders hold what the shipped workflows name:
+the tiny random checkpoint under the workflows' checkpoint name, random concept files
+my_concept_00001 / my_other_concept_00001 shaped for it, and the photo folders, so every widget value of the
+shipped files is a valid choice, as it is for a user who has those files. Debian's Chromium, driven by
+Playwright (nothing is downloaded at run time), opens the editor with a fresh profile; every request to
+anything but the loopback server is refused.
+
+For each file in workflows/ the test drops it on the editor as a user would (a file drop), then checks in
+the editor's graph that no node type is missing (no placeholder nodes, no "missing nodes" dialog) and that
+no widget value is out of its options or range, and that the prompt the editor would queue
+(app.graphToPrompt) is the one tools/workflow_api.py builds. A deliberately broken copy (an unknown node
+type, a concept file that does not exist, a step count below its minimum) proves those checks catch each
+fault. It hovers every input of every Perfusion node and reads the tooltip the editor shows, which must be
+the node's own tooltip from /object_info (and the node's description over its title). It takes a
+screenshot of each workflow for the README (docs/screenshots/<workflow>.png). Finally it sets the generate
+workflow to 2 steps at 64x64 in the editor, presses Run and waits until the image appears on the Save
+Image node.
+
+Needs Chromium (apt-get install chromium; .ci/run installs it) and Playwright (requirements-dev.txt). Without
+them the test is skipped with that reason, except under .ci/run (PERFUSION_REQUIRE_BROWSER=1), where it fails.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from comfy_host import find_comfyui
+from comfy_server import LOOPBACK, REPO, ComfyServer, tiny_checkpoint_file
+from workflow_api import ui_to_api
+
+pytestmark = [pytest.mark.host, pytest.mark.server]
+log = logging.getLogger(__name__)
+
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+SCREENSHOTS = REPO / "docs" / "screenshots"
+GENERATE = "perfusion_generate"
+CHROMIUM = os.environ.get("PERFUSION_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND, "
+                 "EXCLUDE 127.0.0.1"]
+VIEWPORT = {"width": 1920, "height": 1080}  # the train workflow is ~2500 units wide: fitted at ~67 %
+SERVER_ARGS = ["--fp32-text-enc"]
+# A returning user: no template browser on first start; tooltips after 50 ms instead of 500; no minimap or
+# canvas statistics (FPS) in the screenshots, and text drawn at any zoom (the screenshots are fitted to the
+# graph; below 60 % the editor would otherwise draw nodes without their text). The three navigation settings
+# are the defaults, stored: with them unset, frontend 1.27.10 throws an uncaught TypeError at start-up (its
+# NavigationMode setting sets the other two before they are registered), which would hide errors of our own.
+SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Node.TooltipDelay": 50, "Comfy.Minimap.Visible": False,
+            "Comfy.Graph.CanvasInfo": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+            "Comfy.Canvas.NavigationMode": "legacy",
+            "Comfy.Canvas.LeftMouseClickBehavior": "panning", "Comfy.Canvas.MouseWheelScroll": "zoom"}
+TIMEOUT_MS = 60_000
+PERFUSION_NODES = {"PerfusionTrainConcept", "PerfusionSaveConcept", "PerfusionLoadConcept", "PerfusionApplyConcept",
+                   "PerfusionCombineConcepts"}
+
+
+def _playwright():
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright, reason = None, "Playwright is not installed (pip install -r requirements-dev.txt)"
+    if reason is None and not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium, as .ci/run does)"
+    if reason:
+        if os.environ.get("PERFUSION_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return sync_playwright
+
+
+# ---------------------------------------------------------------- the server, with what the workflows name
+
+def _shipped_values() -> dict[str, set[str]]:
+    """Checkpoint names, concept files and photo folders the shipped workflows refer to."""
+    wanted = {"CheckpointLoaderSimple": set(), "PerfusionLoadConcept": set(), "LoadImageSetFromFolderNode": set()}
+    for path in WORKFLOWS:
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] in wanted:
+                wanted[node["type"]].add(node["widgets_values"][0])
+    return wanted
+
+
+def _write_concepts(folder: Path, checkpoint: Path, files: set[str]) -> None:
+    """Random concepts shaped for the tiny checkpoint's UNet (its cross-attention layers and widths)."""
+    import comfy.sd
+    from perfusion_ops.concept_file import write_concept
+    from reference import random_concept
+    model = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, filename in enumerate(sorted(files)):
+        name = filename.removesuffix(".safetensors").rsplit("_", 1)[0]
+        write_concept(random_concept(model, "sd1", name, seed=seed), folder / filename)
+
+
+def _write_photos(folder: Path) -> None:
+    from PIL import Image, ImageDraw
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, background in enumerate([(40, 120, 200), (60, 160, 60), (220, 220, 210)]):
+        image = Image.new("RGB", (64, 64), background)
+        ImageDraw.Draw(image).ellipse((14 + 4 * index, 18, 46 + 4 * index, 56), fill=(120, 80, 40))
+        image.save(folder / f"{index}.png")
+
+
+@pytest.fixture(scope="module")
+def host():
+    found = find_comfyui(REPO)
+    if found is None:
+        pytest.skip("no ComfyUI host")
+    return found
+
+
+@pytest.fixture(scope="module")
+def sync_playwright():
+    return _playwright()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, host, sync_playwright):  # Playwright first: skip before starting anything
+    checkpoint = tiny_checkpoint_file(tmp_path_factory)
+    srv = ComfyServer(host, tmp_path_factory.mktemp("editor_server"), None, extra_args=SERVER_ARGS)
+    srv.layout()
+    wanted = _shipped_values()
+    for name in wanted["CheckpointLoaderSimple"]:  # the tiny model under the name the workflows use
+        os.link(checkpoint, srv.models / "checkpoints" / name)
+    _write_concepts(srv.models / "perfusion", checkpoint, wanted["PerfusionLoadConcept"])
+    for folder in wanted["LoadImageSetFromFolderNode"]:
+        _write_photos(srv.input_dir / folder)
+    (srv.base / "user" / "default").mkdir(parents=True, exist_ok=True)
+    (srv.base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
+    with srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+# ---------------------------------------------------------------- the browser
+
+class Editor:
+    """The editor in one page, with its errors and refused requests collected."""
+
+    def __init__(self, page, server: ComfyServer):
+        self.page, self.server = page, server
+        self.page_errors: list[str] = []
+        self.refused: list[str] = []
+
+    def open(self) -> None:
+        started = time.monotonic()
+        self.page.goto(self.server.url, wait_until="domcontentloaded")
+        self.page.wait_for_function("() => window.app && window.app.vueAppReady && window.app.graph "
+                                    "&& window.LiteGraph && Object.keys(window.LiteGraph.registered_node_types).length")
+        log.info("editor ready in %.1f s", time.monotonic() - started)
+
+    def drop(self, path: Path, text: str | None = None) -> None:
+        """Drop a workflow file on the canvas, as a user drags one from the file manager."""
+        content = text if text is not None else path.read_text()
+        self.page.evaluate("() => window.app.graph.nodes.forEach(n => { n.__replaced = true; })")
+        self.page.evaluate("""([name, text]) => {
+            const file = new File([text], name, {type: 'application/json'});
+            const transfer = new DataTransfer();
+            transfer.items.add(file);
+            const canvas = document.querySelector('#graph-canvas');
+            for (const type of ['dragenter', 'dragover', 'drop'])
+                canvas.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }""", [path.name, content])
+        self.page.wait_for_function("""(expected) => window.app.graph.nodes.length === expected
+            && !window.app.graph.nodes.some(n => n.__replaced)""", arg=len(json.loads(content)["nodes"]))
+        self.page.wait_for_timeout(300)  # dialogs and the first draw
+
+    def dialogs(self) -> list[str]:
+        return self.page.evaluate("""() => [...document.querySelectorAll('.p-dialog')]
+            .filter(d => d.offsetParent !== null).map(d => d.innerText.trim().slice(0, 500))""")
+
+    def close_dialogs(self) -> None:
+        for _ in range(3):
+            if not self.dialogs():
+                return
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(200)
+
+    def graph(self) -> list[dict]:
+        """Every node of the editor's graph: type, whether the editor knows it, widgets with their limits."""
+        return self.page.evaluate("""() => window.app.graph.nodes.map(n => ({
+            id: n.id, type: n.type, mode: n.mode, has_errors: !!n.has_errors,
+            registered: n.type in window.LiteGraph.registered_node_types,
+            widgets: (n.widgets || []).map(w => ({name: w.name, type: w.type, value: w.value,
+                values: Array.isArray(w.options && w.options.values) ? w.options.values : null,
+                min: w.options ? w.options.min : undefined, max: w.options ? w.options.max : undefined})),
+        }))""")
+
+    def problems(self) -> list[str]:
+        """What a user would see as wrong after loading: missing node types, values not among a widget's
+        choices or outside its range, dialogs (the editor's 'missing nodes' warning among them)."""
+        found = []
+        for node in self.graph():
+            where = f"node {node['id']} ({node['type']})"
+            if not node["registered"] or node["has_errors"]:
+                found.append(f"{where}: node type missing in the editor")
+            for widget in node["widgets"]:
+                value = widget["value"]
+                if widget["values"] is not None and value not in widget["values"]:
+                    found.append(f"{where}: {widget['name']} = {value!r} is not one of its choices")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if widget["min"] is not None and value < widget["min"] or \
+                            widget["max"] is not None and value > widget["max"]:
+                        found.append(f"{where}: {widget['name']} = {value!r} outside "
+                                     f"[{widget['min']}, {widget['max']}]")
+        found += [f"dialog: {text}" for text in self.dialogs()]
+        return found
+
+    def overlaps(self) -> list[str]:
+        """Pairs of nodes that cover each other in the editor (title bars included)."""
+        return self.page.evaluate("""() => {
+            const nodes = window.app.graph.nodes, found = [];
+            const box = n => n.getBounding(new Float32Array(4));
+            for (let i = 0; i < nodes.length; i++) for (let j = i + 1; j < nodes.length; j++) {
+                const a = box(nodes[i]), b = box(nodes[j]);
+                if (a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3])
+                    found.push(`${nodes[i].type} ${nodes[i].id} and ${nodes[j].type} ${nodes[j].id}`);
+            }
+            return found; }""")
+
+    def fit_view(self) -> None:
+        """The whole graph, as large as the window allows (the editor's own fit leaves a quarter empty)."""
+        self.page.evaluate("""() => { const nodes = window.app.graph.nodes, canvas = window.app.canvas;
+            let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+            for (const n of nodes) { const b = n.getBounding(new Float32Array(4));
+                x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]);
+                x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]); }
+            canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom: 0.9}); canvas.setDirty(true, true); }""")
+        self.page.wait_for_timeout(400)
+
+    def editor_prompt(self) -> dict:
+        return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+    # -- tooltips ----------------------------------------------------------------------------------------
+    def show_node(self, node_id) -> None:
+        """Scale 1, the node near the top left of the canvas, drawn (widget positions are set while drawing)."""
+        self.page.evaluate("""(id) => { const node = window.app.graph.getNodeById(id);
+            const ds = window.app.canvas.ds; ds.scale = 1; ds.offset = [80 - node.pos[0], 120 - node.pos[1]];
+            window.app.canvas.setDirty(true, true); window.app.canvas.draw(true, true); }""", node_id)
+        self.page.wait_for_timeout(100)
+
+    def targets(self, node_id) -> dict:
+        """Client coordinates of the node's title, of each widget (by name) and of each input socket."""
+        return self.page.evaluate("""(id) => {
+            const app = window.app, node = app.graph.getNodeById(id);
+            const rect = app.canvas.canvas.getBoundingClientRect();
+            const client = (x, y) => { const c = app.canvas.ds.convertOffsetToCanvas([x, y]);
+                                       return [rect.left + c[0], rect.top + c[1]]; };
+            const widgets = {};
+            for (const w of node.widgets || []) {
+                if (w.last_y === undefined) continue;
+                const h = w.computedHeight || window.LiteGraph.NODE_WIDGET_HEIGHT;
+                widgets[w.name] = client(node.pos[0] + node.size[0] * 0.5, node.pos[1] + w.last_y + h / 2);
+            }
+            const sockets = {};
+            node.inputs.forEach((input, slot) => {
+                if (input.widget) return;  // a widget's socket: its tooltip is checked on the widget
+                const p = node.getConnectionPos(true, slot); sockets[input.name] = client(p[0], p[1]);
+            });
+            const title = client(node.pos[0] + node.size[0] * 0.5,
+                                 node.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT / 2);
+            return {title, widgets, sockets};
+        }""", node_id)
+
+    def empty_point(self) -> list[float]:
+        """Client coordinates of a point of the canvas with no node under it."""
+        return self.page.evaluate("""() => { const app = window.app, rect = app.canvas.canvas.getBoundingClientRect();
+            for (let y = rect.top + 40; y < rect.bottom - 40; y += 20)
+              for (let x = rect.left + 40; x < rect.right - 40; x += 20) {
+                const p = app.canvas.ds.convertCanvasToOffset([x - rect.left, y - rect.top]);
+                if (!app.graph.getNodeOnPos(p[0], p[1])) return [x, y]; }
+            return null; }""")
+
+    def tooltip_at(self, point) -> str:
+        self.page.mouse.move(point[0] + 40, point[1] + 40)  # move off and back: each stop shows a tooltip
+        self.page.mouse.move(point[0], point[1], steps=2)
+        try:
+            self.page.wait_for_selector(".node-tooltip", state="visible", timeout=3000)
+        except Exception:  # Playwright's TimeoutError: no tooltip there
+            return ""
+        return self.page.inner_text(".node-tooltip").strip()
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
+
+
+@pytest.fixture(scope="module")
+def editor(server, sync_playwright, tmp_path_factory):
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium_profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS, viewport=VIEWPORT, device_scale_factor=1, timeout=TIMEOUT_MS)
+        try:
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.pages[0] if context.pages else context.new_page()
+            editor = Editor(page, server)
+            allowed = (f"http://{LOOPBACK}:{server.port}/", f"ws://{LOOPBACK}:{server.port}/", "data:", "blob:")
+
+            def route(route_, request):
+                if request.url.startswith(allowed):
+                    route_.continue_()
+                else:
+                    editor.refused.append(request.url)
+                    route_.abort()
+            context.route("**/*", route)
+            page.on("pageerror", lambda error: editor.page_errors.append(str(error)))
+            editor.open()
+            yield editor
+        finally:
+            context.close()
+    if editor.refused:
+        log.info("requests refused (not loopback): %s", sorted(set(editor.refused)))
+
+
+# ---------------------------------------------------------------- the tests
+
+def test_every_shipped_workflow_loads_with_known_nodes_and_accepted_values(editor, object_info):
+    assert WORKFLOWS, "no workflows in workflows/"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        editor.drop(path)
+        failures += [f"{path.name}: {problem}" for problem in editor.problems()]
+        failures += [f"{path.name}: nodes cover each other in the editor: {pair}" for pair in editor.overlaps()]
+        if {node["type"] for node in editor.graph()} != {node["type"] for node in workflow["nodes"]}:
+            failures.append(f"{path.name}: the editor's graph has other node types than the file")
+
+        strip = lambda prompt: {k: {"class_type": v["class_type"], "inputs": v["inputs"]}  # noqa: E731
+                                for k, v in prompt.items()}
+        if strip(editor.editor_prompt()) != strip(ui_to_api(workflow, object_info)):
+            failures.append(f"{path.name}: the prompt the editor queues differs from tools/workflow_api.py's: "
+                            f"{strip(editor.editor_prompt())} != {strip(ui_to_api(workflow, object_info))}")
+
+        editor.close_dialogs()
+        editor.fit_view()
+        editor.page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)  # no hover highlight
+        editor.page.screenshot(path=str(SCREENSHOTS / f"{path.stem}.png"))
+    assert failures == []
+    assert editor.page_errors == [], "uncaught errors in the editor"
+
+
+def test_the_checks_catch_a_missing_node_a_missing_file_and_a_value_out_of_range(editor):
+    workflow = json.loads((REPO / "workflows" / f"{GENERATE}.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "PerfusionApplyConcept":
+            node["type"] = "PerfusionNoSuchNode"
+        elif node["type"] == "PerfusionLoadConcept":
+            node["widgets_values"][0] = "no_such_concept.safetensors"
+        elif node["type"] == "KSampler":
+            node["widgets_values"][2] = 0  # steps, minimum 1
+    editor.drop(REPO / "workflows" / "broken.json", json.dumps(workflow))
+    problems = editor.problems()
+    editor.close_dialogs()
+    report = "\n".join(problems)
+    assert "(PerfusionNoSuchNode): node type missing" in report, report
+    assert "concept_name = 'no_such_concept.safetensors' is not one of its choices" in report, report
+    assert "steps = 0 outside [1," in report, report
+    assert any(p.startswith("dialog:") and "PerfusionNoSuchNode" in p for p in problems), report
+
+
+def test_every_input_of_every_perfusion_node_shows_its_tooltip(editor, object_info):
+    seen, wrong = set(), []
+    for path in WORKFLOWS:
+        editor.drop(path)
+        for node in editor.graph():
+            if node["type"] not in PERFUSION_NODES or node["type"] in seen:
+                continue
+            seen.add(node["type"])
+            info = object_info[node["type"]]
+            editor.show_node(node["id"])
+            targets = editor.targets(node["id"])
+            assert editor.tooltip_at(editor.empty_point()) == "", "a tooltip over the empty canvas: checks are blind"
+            shown = editor.tooltip_at(targets["title"])
+            if not _same_text(shown, info["description"]):
+                wrong.append(f"{node['type']} title: {shown!r}")
+            for section in ("required", "optional"):
+                for name, spec in info["input"].get(section, {}).items():
+                    tooltip = spec[1].get("tooltip") if len(spec) > 1 else None
+                    if not tooltip:
+                        wrong.append(f"{node['type']}.{name}: no tooltip in /object_info")
+                        continue
+                    point = targets["widgets"].get(name) or targets["sockets"].get(name)
+                    if point is None:
+                        wrong.append(f"{node['type']}.{name}: not shown on the node")
+                        continue
+                    shown = editor.tooltip_at(point)
+                    if not _same_text(shown, tooltip):
+                        wrong.append(f"{node['type']}.{name}: shows {shown!r}")
+    assert seen == PERFUSION_NODES, f"the shipped workflows do not use {PERFUSION_NODES - seen}"
+    assert wrong == []
+
+
+def test_generate_workflow_queued_from_the_editor_shows_its_image(editor, server):
+    editor.drop(REPO / "workflows" / f"{GENERATE}.json")
+    save_id = editor.page.evaluate("""() => {
+        const set = (type, name, value) => { for (const n of window.app.graph.nodes.filter(n => n.type === type)) {
+            const w = n.widgets.find(w => w.name === name); w.value = value; w.callback && w.callback(value); } };
+        set('KSampler', 'steps', 2); set('EmptyLatentImage', 'width', 64); set('EmptyLatentImage', 'height', 64);
+        return window.app.graph.nodes.find(n => n.type === 'SaveImage').id; }""")
+    started = time.monotonic()
+    with editor.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as posted:
+        editor.page.click('[data-testid="queue-button"]')
+    answer = posted.value.json()
+    assert posted.value.ok and not answer.get("node_errors"), answer
+    entry = server.wait([answer["prompt_id"]], timeout=240)[answer["prompt_id"]]
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    editor.page.wait_for_function("""(id) => { const n = window.app.graph.getNodeById(id);
+        return n.imgs && n.imgs.length && n.imgs[0].complete && n.imgs[0].naturalWidth === 64; }""",
+                                  arg=save_id, timeout=30_000)
+    shown = editor.page.evaluate("(id) => window.app.graph.getNodeById(id).imgs[0].src", save_id)
+    saved = entry["outputs"][str(save_id)]["images"][0]["filename"]
+    assert "/view?" in shown and saved in shown, shown
+    log.info("queued from the editor: image shown %.1f s after Run", time.monotonic() - started)
+    assert editor.page_errors == [], "uncaught errors in the editor"
