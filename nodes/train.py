@@ -83,6 +83,12 @@ class PerfusionTrainConcept(io.ComfyNode):
                                        "models/perfusion_covariance."),
                 io.Int.Input("preview_every", default=0, min=0, max=10000, optional=True,
                              tooltip="Show a preview of the model's denoised guess every N steps (0: no previews)."),
+                io.Boolean.Input("train_values", default=True, optional=True,
+                                 tooltip="Learn the value targets (Perfusion). Off: learn only the word vector, i.e. "
+                                         "textual inversion, a baseline; apply it with strength 0."),
+                io.Boolean.Input("train_keys", default=False, optional=True,
+                                 tooltip="Also learn the key targets instead of locking them to the superclass (an "
+                                         "ablation of key-locking; the paper's default is off)."),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[PerfusionConcept.Output(display_name="concept", tooltip="The trained concept."),
@@ -92,7 +98,7 @@ class PerfusionTrainConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, name, superclass, steps, seed, masks=None, batch_size=4,
                 resolution=512, value_lr=0.03, embedding_lr=0.006, train_beta=TRAIN_BETA, train_tau=TRAIN_TAU,
-                flip=True, covariance=ESTIMATE, preview_every=0) -> io.NodeOutput:
+                flip=True, covariance=ESTIMATE, preview_every=0, train_values=True, train_keys=False) -> io.NodeOutput:
         name = name.strip()
         if not is_valid_name(name):
             raise ValueError(f"name must be one word of letters, digits, '_', '-' or '.' (it is written "
@@ -137,7 +143,8 @@ class PerfusionTrainConcept(io.ComfyNode):
                 log.info("Perfusion training '%s': step %d/%d, loss %.5f", name, step + 1, steps, loss)
 
         settings = TrainSettings(steps=steps, seed=seed, batch_size=batch_size, value_lr=value_lr,
-                                 embedding_lr=embedding_lr, beta=train_beta, tau=train_tau, flip=flip)
+                                 embedding_lr=embedding_lr, beta=train_beta, tau=train_tau, flip=flip,
+                                 train_values=train_values, train_keys=train_keys)
         concept, losses = train_concept(model, clip, latents, name, superclass, C, covariance_id, settings,
                                         masks=masks, flipped_latents=flipped_latents, flipped_masks=flipped_masks,
                                         on_step=on_step)

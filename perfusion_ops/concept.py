@@ -17,6 +17,12 @@ ARCHITECTURES = {
 TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
 INFERENCE_BETA, INFERENCE_TAU = 0.70, 0.15
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}")
+# Bounds on a concept's numbers (numeric_problem). Text encodings, projection outputs and word vectors are of order
+# 0.01-100 (the largest entry of CLIP-L's context, from the SD1.5 covariance: a few hundred); anything beyond
+# MAX_ABS_VALUE is damage, and at 1e19 and above the float32 edit overflows. u is exempt: its scale is free
+# (it cancels in the gate, rank1.metric_gram) and depends on the scale of C.
+MAX_ABS_VALUE = 1e6
+MIN_I_STAR_NORM = 1e-3  # a real i* has norm ~30; a vanishing one makes r = uᵀx / uᵀi* overflow
 
 
 def is_valid_name(name: str) -> bool:
@@ -53,6 +59,34 @@ class Concept:
 
     def replace(self, **changes) -> "Concept":
         return dataclasses.replace(self, **changes)
+
+
+def numeric_problem(concept: Concept) -> str | None:
+    """Why `concept`'s numbers cannot be used safely, or None. Shared by the reader and apply_concepts:
+    NaN/Inf anywhere, entries beyond ±MAX_ABS_VALUE (except in u), a vanishing i*, or E = uᵀi* <= 0."""
+    for key in ("i_star", "u", "i_super"):
+        if tuple(getattr(concept, key).shape) != (concept.context_dim,):
+            return f"{key} has shape {list(getattr(concept, key).shape)}, expected [{concept.context_dim}]"
+    tensors = [(f"embedding.{k}", v) for k, v in concept.embeddings.items()]
+    tensors += [(k, getattr(concept, k)) for k in ("i_star", "u", "i_super")]
+    tensors += [(f"value.{k}", v) for k, v in concept.values.items()] + [(f"key.{k}", v) for k, v in concept.keys.items()]
+    for key, t in tensors:
+        t = t.detach()
+        if not torch.isfinite(t).all():
+            return f"{key} contains NaN or Inf"
+        largest = float(t.abs().max()) if t.numel() else 0.0
+        if key != "u" and largest > MAX_ABS_VALUE:
+            return (f"{key} has entries up to {largest:.3g}; a concept's vectors stay within ±{MAX_ABS_VALUE:g} "
+                    "(trained ones are far smaller), so it is damaged")
+    i_star, u = concept.i_star.detach().double(), concept.u.detach().double()
+    norm = float(i_star.norm())
+    if norm < MIN_I_STAR_NORM:
+        return (f"i_star has norm {norm:.3g}; a text encoding has a norm of order 1-100 (at least "
+                f"{MIN_I_STAR_NORM:g} is needed), else the gate r = uᵀx / uᵀi* overflows")
+    energy = float(u @ i_star)
+    if not energy > 0:
+        return f"u·i_star (the energy E) is {energy:g}; it must be > 0, else the gate is undefined"
+    return None
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,7 @@ import tempfile
 import safetensors.torch
 import torch
 
-from .concept import ARCHITECTURES, Concept, is_valid_name
+from .concept import ARCHITECTURES, Concept, is_valid_name, numeric_problem
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_ELEMENTS = 4 << 20
 MAX_EMBEDDING_VECTORS = 75       # one CLIP chunk of 77 tokens, less start and end
 MAX_NAME_CHARS = 100
+MAX_LAYER_CHARS = 200            # a real layer path is ~45 characters; longer ones are refused (and cut in messages)
 _ITEMSIZE = {"F32": 4, "F16": 2}
 _LAYER = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _LAYOUT = ("a concept file holds embedding.<encoder>, i_star, u, i_super, value.<layer> and key.<layer>, "
@@ -68,7 +69,7 @@ def write_concept(concept: Concept, path, dtype=torch.float32) -> None:
     path = os.fspath(path)
     try:
         data = _checked_bytes(concept, dtype)
-        _write_atomically(path, data)
+        write_atomically(path, data)
     except _Invalid as e:
         raise ConceptFileError(f"Refusing to write Perfusion concept '{path}': {e}") from None
     except OSError as e:
@@ -139,14 +140,17 @@ def _parse_header(data: bytes) -> dict:
         raise _Invalid("the file is empty (0 bytes)")
     if len(data) > MAX_FILE_BYTES:
         raise _Invalid(f"the file is too large (over {MAX_FILE_BYTES >> 20} MiB)")
-    if data[:1] == b"\x80":
-        raise _Invalid("not a safetensors file: it looks like a Python pickle (.pt/.ckpt); pickles are never loaded")
-    if data[:2] == b"PK":
-        raise _Invalid("not a safetensors file: it looks like a zip archive as torch.save writes "
-                       "(.pt/.ckpt, a pickle inside); pickles are never loaded")
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    # A safetensors header starts with "{"; only without one may the first bytes (which are the header's
+    # length, and can be 0x80 or "PK" by chance) tell what else the file is.
+    if not (2 <= n <= MAX_HEADER_BYTES and data[8:9] == b"{"):
+        if data[:1] == b"\x80":
+            raise _Invalid("not a safetensors file: it looks like a Python pickle (.pt/.ckpt); pickles are never loaded")
+        if data[:2] == b"PK":
+            raise _Invalid("not a safetensors file: it looks like a zip archive as torch.save writes "
+                           "(.pt/.ckpt, a pickle inside); pickles are never loaded")
     if len(data) < 8:
         raise _Invalid(f"not a safetensors file, or truncated: only {len(data)} bytes")
-    (n,) = struct.unpack("<Q", data[:8])
     if not 2 <= n <= MAX_HEADER_BYTES:
         raise _Invalid(f"not a safetensors file (header length {n} is implausible; is it a pickle/.ckpt/.pt?)")
     if 8 + n > len(data):
@@ -237,7 +241,7 @@ def _build(raw: dict[str, torch.Tensor], fields: dict) -> Concept:
     values, keys, unexpected = {}, {}, []
     for name in sorted(raw):
         kind, _, layer = name.partition(".")
-        if kind in ("value", "key") and _LAYER.fullmatch(layer):
+        if kind in ("value", "key") and len(layer) <= MAX_LAYER_CHARS and _LAYER.fullmatch(layer):
             (values if kind == "value" else keys)[layer] = raw[name].to(torch.float32)
         elif name not in fixed:
             unexpected.append(name)
@@ -285,7 +289,11 @@ def _build(raw: dict[str, torch.Tensor], fields: dict) -> Concept:
     energy = float(torch.dot(vectors["u"].double(), vectors["i_star"].double()))
     if not 0 < energy < torch.finfo(torch.float32).max:
         raise _Invalid(f"u·i_star (the energy E) is {energy:g}; it must be > 0 and finite in float32, else the gate is undefined")
-    return Concept(embeddings=embeddings, values=values, keys=keys, **vectors, **fields)
+    concept = Concept(embeddings=embeddings, values=values, keys=keys, **vectors, **fields)
+    problem = numeric_problem(concept)  # magnitudes, a vanishing i*: the rules apply_concepts enforces too
+    if problem:
+        raise _Invalid(problem)
+    return concept
 
 
 # ---------------------------------------------------------------- writing
@@ -336,7 +344,7 @@ def _encode(concept: Concept, dtype) -> bytes:
     return safetensors.torch.save(tensors, metadata)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
     """Write to a hidden temporary file beside `path`, then rename it over `path`: a reader (or a crash)
     sees the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .concept_file import write_atomically
+
 log = logging.getLogger(__name__)
 
 CORPUS = Path(__file__).with_name("data") / "captions.txt"
@@ -90,10 +92,9 @@ def cached_covariance(clip, cache_dir: Path, on_progress=None) -> tuple[torch.Te
     log.info("Perfusion: estimating the covariance over %d captions (once per text-encoder setup)", len(corpus))
     C = estimate_covariance(clip, corpus, on_progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    safetensors.torch.save_file({"covariance": C.float().contiguous()}, str(partial),
-                                metadata={"perfusion.fingerprint": fingerprint, "captions": str(len(corpus))})
-    partial.replace(path)
+    data = safetensors.torch.save({"covariance": C.float().contiguous()},
+                                  metadata={"perfusion.fingerprint": fingerprint, "captions": str(len(corpus))})
+    write_atomically(str(path), data)  # an interrupted save leaves no file, not even a temporary one
     return C, fingerprint
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import rank1
-from .concept import ARCHITECTURES, Concept
+from .concept import ARCHITECTURES, Concept, numeric_problem
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,25 @@ def check_concept_fits(concept: Concept, diffusion_model: torch.nn.Module, arch:
                                      f"{targets[path].shape[-1]}, the model's layer {getattr(attn, kind).out_features}.")
 
 
+def check_numbers(concept: Concept) -> None:
+    """Refuse a concept whose numbers would make NaN/Inf (concept.numeric_problem); warn when its u is so nearly
+    orthogonal to its i* that the edit floors the gate's normalisation E (rank1.metric_gram)."""
+    problem = numeric_problem(concept)
+    if problem:
+        raise PerfusionError(f"Concept '{concept.name}' cannot be applied: {problem}.")
+    cosine = rank1.energy_cosine(concept.i_star, concept.u)
+    if cosine < rank1.ENERGY_FLOOR:
+        log.warning("Perfusion: concept '%s' has u nearly orthogonal to i* (cosine %.3g; u = C⁻¹ i* is never below "
+                    "%g), so its gate normalisation E = uᵀi* is clamped. The concept is probably damaged.",
+                    concept.name, cosine, rank1.ENERGY_FLOOR)
+
+
 def check_separable(concepts: list[Concept], limit: float = 1e-3) -> None:
     """Exact mode solves with G_ab = u_aᵀ i*_b; concepts whose i* are (nearly) linearly dependent make it
     singular. Refuse them by name when the smallest singular value of the normalised G is below `limit`."""
     if len(concepts) < 2:
         return
-    U = torch.stack([c.u for c in concepts]).double()
-    I = torch.stack([c.i_star for c in concepts]).double()
-    gram = U @ I.T
+    _, _, gram = rank1.metric_gram(torch.stack([c.i_star for c in concepts]), torch.stack([c.u for c in concepts]))
     scale = gram.diagonal().abs().sqrt()
     _, singular, vh = torch.linalg.svd(gram / scale[:, None] / scale[None, :])
     if singular[-1] < limit:
@@ -195,11 +206,15 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = 0.70, t
     """A clone of `model` with `concepts` added to its joint Perfusion patch. The input stays untouched."""
     if tau <= 0 or not math.isfinite(tau):
         raise PerfusionError(f"tau must be a positive number, got {tau}.")
+    for setting, value in (("strength", strength), ("beta", beta)):
+        if not math.isfinite(value):
+            raise PerfusionError(f"{setting} must be a finite number, got {value}.")
     if not 0.0 <= start_at <= end_at <= 1.0:
         raise PerfusionError(f"start_at ({start_at}) must not be after end_at ({end_at}); both lie in 0..1.")
     arch = model_architecture(model)
     for concept in concepts:
         check_concept_fits(concept, model.model.diffusion_model, arch)
+        check_numbers(concept)
     previous = applied_concepts(model)
     names = [a.concept.name for a in previous] + [c.name for c in concepts]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -1,8 +1,10 @@
 """Training a concept (DESIGN.md §1; the recipe of perfusion-method.md §2).
 
 Learned: the concept's word vector for every text encoder and o*_V of every cross-attention layer.
-Keys stay locked to the superclass (o*_K = W_k i_super); i* and i_super are exponential moving
-averages (0.99 per step) of the concept's and the superclass's encodings, started from the superclass.
+Keys stay locked to the superclass (o*_K = W_k i_super) unless `train_keys` asks to learn them too (an
+ablation: o*_K per layer, started from W_k i_super, stored as the concept's `keys`); i* and i_super are
+exponential moving averages (0.99 per step) of the concept's and the superclass's encodings, started from
+the superclass.
 UNet and text-encoder weights never get gradients: `torch.autograd.grad` asks only for ours.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ class TrainSettings:
     flip: bool = True
     weight_decay: float = 0.01  # AdamW's default, as in the reference
     train_values: bool = True   # False: learn only the word vectors (textual inversion, for baselines)
+    train_keys: bool = False    # True: also learn o*_K per layer (an ablation of key-locking), at value_lr
 
 
 def superclass_tokens(clip, superclass: str) -> dict[str, int]:
@@ -177,7 +180,8 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
     """Learn a concept from `latents` [N, 4, h, w] (VAE output) and optional soft `masks` [N, h, w].
 
     `on_step(step, loss, x0_prediction)` is called after every step (progress, previews, cancel).
-    With `settings.train_values` off only the word vectors are learned (textual inversion, a baseline).
+    With `settings.train_values` off only the word vectors are learned (textual inversion, a baseline);
+    with `settings.train_keys` on the key targets are learned too instead of locked (an ablation).
     """
     import comfy.model_management as mm
     arch = model_architecture(model)
@@ -201,6 +205,7 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                           for encoder, token in token_ids.items()}
             concept_clip = clip_with_word_vectors(train_clip, {name: embeddings})
             values = optimizer = i_star = i_super = None
+            keys = {}
             for step in range(settings.steps):
                 x0, weight = photos.batch(settings.batch_size, settings.flip, generator)
                 templates = [rng.choice(TEMPLATES) for _ in range(settings.batch_size)]
@@ -211,17 +216,22 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                     with torch.no_grad():
                         values = {path: torch.nn.Parameter(attn.to_v.forward(i_super.float().to(device)[None, None])[0, 0])
                                   for path, attn in layers.items()}
+                        if settings.train_keys:  # start where locking would keep them: W_k i_super
+                            keys = {path: torch.nn.Parameter(attn.to_k.forward(i_super.float().to(device)[None, None])[0, 0])
+                                    for path, attn in layers.items()}
                     groups = [{"params": list(embeddings.values()), "lr": settings.embedding_lr}]
                     if settings.train_values:
                         groups.append({"params": list(values.values()), "lr": settings.value_lr})
+                    if settings.train_keys:
+                        groups.append({"params": list(keys.values()), "lr": settings.value_lr})
                     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
                 i_star = settings.ema * i_star + (1 - settings.ema) * concept_mean
                 i_super = settings.ema * i_super + (1 - settings.ema) * super_mean
 
                 edit = None
-                if settings.train_values:
+                if settings.train_values or settings.train_keys:
                     concept = _concept(name, superclass, arch, embeddings, i_star, metric_vector(C_inv, i_star), i_super,
-                                       values, covariance_id, settings, losses)
+                                       values, covariance_id, settings, losses, keys=keys)
                     edit = LayerEdit([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, device)
                 params = [p for group in optimizer.param_groups for p in group["params"]]
                 with _edit_installed(layers, edit):
@@ -237,7 +247,7 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                     on_step(step, losses[-1], x0_prediction.detach())
         i_star = i_star.float()  # what the file stores; u is solved from exactly that
         final = _concept(name, superclass, arch, embeddings, i_star, metric_vector(C_inv, i_star), i_super, values,
-                         covariance_id, settings, losses, detach=True)
+                         covariance_id, settings, losses, detach=True, keys=keys)
         return final, losses
     finally:
         release(train_model, train_clip.patcher)
@@ -258,12 +268,13 @@ def _latent_masks(masks, latent_shape) -> torch.Tensor:
 
 
 def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, covariance_id, settings, losses,
-             detach=False) -> Concept:
+             detach=False, keys=None) -> Concept:
     take = (lambda t: t.detach().float().cpu().clone()) if detach else (lambda t: t)
     return Concept(
         name=name, superclass=superclass, arch=arch,
         embeddings={encoder: take(vector) for encoder, vector in embeddings.items()},
         i_star=i_star.float(), u=u.float(), i_super=i_super.float(),
         values={path: take(v) for path, v in values.items()},
+        keys={path: take(k) for path, k in (keys or {}).items()},
         beta=INFERENCE_BETA, tau=INFERENCE_TAU, covariance=covariance_id,
         train=json.dumps({**asdict(settings), "final_loss": losses[-1] if losses else None}) if detach else "{}")

@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from perfusion_ops.concept import ARCHITECTURES, Concept
 from perfusion_ops.concept_file import (ConceptFileError, concept_from_bytes, concept_to_bytes,
@@ -225,6 +223,11 @@ BAD_CONTENT = {
     "energy_negative": (lambda t, m: t.__setitem__("u", -t["i_star"]), ["energy", "> 0", "gate"]),
     "energy_zero": (lambda t, m: t.__setitem__("u", torch.zeros(768)), ["energy", "> 0"]),
     "energy_overflow": (lambda t, m: t.__setitem__("u", t["i_star"].sign() * 3e38), ["energy", "finite"]),
+    "value_huge": (lambda t, m: t[f"value.{SD1_LAYER}"].mul_(1e7), [f"value.{SD1_LAYER}", "entries up to", "1e+06"]),
+    "embedding_huge": (_poison("embedding.clip_l", 3, 2e6), ["embedding.clip_l", "entries up to 2e+06"]),
+    "i_super_huge": (_poison("i_super", 0, -1e30), ["i_super", "entries up to 1e+30"]),
+    "i_star_vanishing": (lambda t, m: t["i_star"].mul_(1e-6), ["i_star has norm", "at least 0.001"]),
+    "layer_name_too_long": (_set("value." + "a" * 201, torch.zeros(4)), ["unexpected", "value.aaaa"]),
     "no_metadata": (lambda t, m: m.clear(), ["not a Perfusion concept file"]),
     "no_format": (_meta("perfusion.format", None), ["not a Perfusion concept file"]),
     "format_2": (_meta("perfusion.format", "2"), ["format version '2' is not supported", "format 1"]),
@@ -361,32 +364,27 @@ def test_refusal_is_a_value_error():
     assert issubclass(ConceptFileError, ValueError)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_fuzzed_files_never_crash(data):
-    """Flipped bytes and cuts anywhere give either a concept or a ConceptFileError, nothing else."""
-    blob = bytearray(FUZZ_BASE)
-    for _ in range(data.draw(st.integers(1, 4))):
-        pos = data.draw(st.integers(0, len(blob) - 1))
-        blob[pos] = data.draw(st.integers(0, 255))
-    blob = bytes(blob[:data.draw(st.integers(0, len(blob)))])
-    try:
-        concept_from_bytes(blob)
-    except ConceptFileError:
-        pass
+def test_header_length_that_looks_like_a_pickle_or_zip_magic_is_still_read():
+    """The first bytes of a safetensors file are its header length: 0x80 (pickle's magic) whenever the length is
+    128 mod 256, "PK" (zip's) when it is 19280 mod 65536. Such files are valid (found by tests/test_reader_fuzz.py:
+    the writer refused one concept in 32 until the sniffing looked at the header first)."""
+    lengths = set()
+    for k in range(0, 256, 4):  # the writer pads headers to 8 bytes; these cover every length mod 256
+        concept = small_sd1(train=json.dumps({"note": "x" * k}))
+        data = concept_to_bytes(concept)
+        lengths.add(struct.unpack("<Q", data[:8])[0] % 256)
+        assert_same(concept, concept_from_bytes(data))
+    assert 128 in lengths  # that file began with the byte 0x80
+    (n,) = struct.unpack("<Q", data[:8])
+    for length in (128, 19280):  # header padded with spaces, as the format allows
+        if length > n:
+            padded = struct.pack("<Q", length) + data[8:8 + n] + b" " * (length - n) + data[8 + n:]
+            assert padded[:1] == b"\x80" or padded[:2] == b"PK"
+            assert_same(concept, concept_from_bytes(padded))
 
 
-@settings(max_examples=200, deadline=None)
-@given(blob=st.binary(max_size=512))
-def test_arbitrary_bytes_never_crash(blob):
-    try:
-        concept_from_bytes(blob)
-    except ConceptFileError:
-        pass
-
-
-FUZZ_BASE = safetensors.torch.save(*parts(make_concept(
-    "sd1", with_keys=True, layers={SD1_LAYER: 8, "middle_block.1.transformer_blocks.0.attn2": 4})))
+# Property-based tests of the reader (random cuts, byte flips, garbled headers, hostile contents, huge claims,
+# layers the model lacks), with time and memory bounds: tests/test_reader_fuzz.py.
 
 
 # ---------------------------------------------------------------- writing
@@ -469,7 +467,7 @@ def test_invalid_concept_is_never_written(tmp_path, case, changes, needle):
 
 def test_float16_overflow_is_refused(tmp_path):
     concept = small_sd1()
-    concept = concept.replace(values={**concept.values, SD1_LAYER: torch.full((320,), 1e6)})
+    concept = concept.replace(values={**concept.values, SD1_LAYER: torch.full((320,), 1e5)})
     with pytest.raises(ConceptFileError, match="float16"):
         write_concept(concept, tmp_path / "c.safetensors", dtype=torch.float16)
     write_concept(concept, tmp_path / "c.safetensors")  # fine in float32
