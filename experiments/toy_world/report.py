@@ -1,0 +1,290 @@
+"""Figures (PNG, drawn with Pillow: no plotting dependency) and the tables of REPORT.md, from results.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+SCALE = 2  # 48x48 images shown at 96x96
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def image_grid(items, columns: int, path: Path, caption_lines: int = 3, width_chars: int = 22) -> None:
+    """items: [(caption, image [H, W, 3] in 0..1)]; each image enlarged SCALE x with its caption below."""
+    if not items:
+        return
+    h, w = items[0][1].shape[:2]
+    cell_w, text_h = max(w * SCALE, 6 * width_chars), 11 * caption_lines
+    rows = (len(items) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * (cell_w + 6), rows * (h * SCALE + text_h + 6)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (caption, image) in enumerate(items):
+        r, c = divmod(k, columns)
+        x, y = c * (cell_w + 6), r * (h * SCALE + text_h + 6)
+        tile = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize((w * SCALE, h * SCALE), Image.NEAREST)
+        sheet.paste(tile, (x, y))
+        words, lines, line = caption.split(), [], ""
+        for word in words:
+            if len(line) + len(word) + 1 > width_chars and line:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        for i, text in enumerate(lines[:caption_lines]):
+            draw.text((x, y + h * SCALE + 1 + 11 * i), text, fill="black", font=_font())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def front_plot(results: dict, path: Path, key: str = "background", ylabel: str = "") -> None:
+    """Fidelity (x) against alignment (y: the share of images whose `key` matches the prompt)."""
+    W, H, margin = 640, 480, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    sweeps = results["sweeps"]
+    if not sweeps:
+        return
+    xs = [s["fidelity"] for s in sweeps]
+    x0, x1 = 0.0, max(1.0, max(xs))
+    y0, y1 = 0.0, 1.0
+    to = lambda x, y: (margin + (x - x0) / (x1 - x0) * (W - 2 * margin),  # noqa: E731
+                       H - margin - (y - y0) / (y1 - y0) * (H - 2 * margin))
+    d.rectangle([margin, margin, W - margin, H - margin], outline="black")
+    for t in np.linspace(0, 1, 6):
+        px, _ = to(x0 + t * (x1 - x0), 0)
+        _, py = to(0, y0 + t * (y1 - y0))
+        d.line([px, H - margin, px, H - margin + 4], fill="black")
+        d.text((px - 10, H - margin + 6), f"{x0 + t * (x1 - x0):.1f}", fill="black", font=_font())
+        d.line([margin - 4, py, margin, py], fill="black")
+        d.text((margin - 30, py - 5), f"{y0 + t * (y1 - y0):.1f}", fill="black", font=_font())
+    d.text((W // 2 - 120, H - 25), "fidelity: mean concept-judge probability", fill="black", font=_font())
+    d.text((5, 20), ylabel or f"alignment: {key} as prompted (fraction of images)", fill="black", font=_font())
+    styles = {"perfusion": ("blue", "Perfusion, locked keys (beta sweep, tau 0.15)"),
+              "trained_keys": ("red", "Perfusion, trained keys (beta sweep, tau 0.15)")}
+    legend_y = H // 2
+    for method, (colour, label) in styles.items():
+        pts = [s for s in sweeps if s["method"] == method and s["tau"] == 0.15]
+        pts.sort(key=lambda s: s["beta"])
+        coords = [to(s["fidelity"], s[key]) for s in pts]
+        if len(coords) > 1:
+            d.line(coords, fill=colour, width=2)
+        for s, (px, py) in zip(pts, coords):
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+            d.text((px + 5, py - 12), f"b{s['beta']:g}", fill=colour, font=_font())
+        d.text((margin + 8, legend_y), label, fill=colour, font=_font())
+        legend_y += 12
+    for s in sweeps:
+        px, py = to(s["fidelity"], s[key])
+        if s["method"] == "perfusion" and s["tau"] != 0.15:
+            d.rectangle([px - 4, py - 4, px + 4, py + 4], outline="blue", width=2)
+            d.text((px + 5, py + 2), f"t{s['tau']:g}", fill="blue", font=_font())
+        elif s["method"] == "ti":
+            d.polygon([(px, py - 6), (px + 6, py + 5), (px - 6, py + 5)], fill="green")
+        elif s["method"] == "superclass":
+            d.polygon([(px, py - 6), (px + 6, py), (px, py + 6), (px - 6, py)], fill="gray")
+    d.text((margin + 8, legend_y), "squares: locked keys, beta 0.7, other tau", fill="blue", font=_font())
+    d.text((margin + 8, legend_y + 12), "green triangle: textual inversion", fill="green", font=_font())
+    d.text((margin + 8, legend_y + 24), "grey diamond: base model, plain superclass word", fill="gray", font=_font())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def loss_plot(losses, path: Path, title: str) -> None:
+    W, H, margin = 640, 300, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    k = max(1, len(losses) // 200)
+    smooth = [float(np.mean(losses[i:i + k])) for i in range(0, len(losses), k)]
+    lo, hi = min(smooth), max(smooth)
+    pts = [(margin + i / max(1, len(smooth) - 1) * (W - 2 * margin),
+            H - margin - (v - lo) / max(1e-9, hi - lo) * (H - 2 * margin)) for i, v in enumerate(smooth)]
+    d.rectangle([margin, margin, W - margin, H - margin], outline="black")
+    d.line(pts, fill="blue", width=2)
+    d.text((margin, 10), title, fill="black", font=_font())
+    d.text((5, margin - 5), f"{hi:.3f}", fill="black", font=_font())
+    d.text((5, H - margin - 5), f"{lo:.3f}", fill="black", font=_font())
+    d.text((W - margin - 40, H - margin + 8), f"{len(losses)} steps", fill="black", font=_font())
+    img.save(path)
+
+
+def write_figures(folder: Path, results, base_examples, sweep_examples, two_examples) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    image_grid(base_examples, 8, folder / "base_samples.png")
+    front_plot(results, folder / "front.png", "background", "alignment: background as prompted (share of images)")
+    front_plot(results, folder / "front_background_and_position.png", "alignment",
+               "alignment: background and position as prompted (share of images)")
+    chosen = ["base model, superclass word", "textual inversion", "perfusion beta 0.7 tau 0.15",
+              "trained keys beta 0.7 tau 0.15", "perfusion beta 0.4 tau 0.15", "perfusion beta 1.2 tau 0.15"]
+    for concept in sorted({c for ex in sweep_examples.values() for c in ex}):
+        items = []
+        for label in chosen:
+            for text, image in sweep_examples.get(label, {}).get(concept, []):
+                items.append((f"[{label}] {text}", image))
+        image_grid(items, 8, folder / f"contexts_{concept}.png", caption_lines=5)
+    items = [(f"[{m}] {t}", im) for m, ex in two_examples.items() for t, im in ex]
+    image_grid(items, 8, folder / "two_concepts.png", caption_lines=5)
+
+
+def world_figures(folder: Path) -> None:
+    import world
+    scenes, images = world.world_dataset(16, seed=2)  # the first base-training scenes (same seed as training)
+    image_grid([(s.caption, im) for s, im in zip(scenes, images)], 8, folder / "world_samples.png", caption_lines=4)
+    image_grid([(s.caption, mosaic(im)) for s, im in zip(scenes, images)], 8, folder / "world_samples_vae.png",
+               caption_lines=4)
+    items = []
+    for name in sorted(world.CONCEPTS):
+        for s in world.concept_training_scenes(name, seed=7):
+            items.append((f"{name} photo ({s.background})", world.render(s)))
+    items += [(f"{caption}, through the VAE", mosaic(im)) for caption, im in items]
+    image_grid(items, 8, folder / "concept_photos.png", caption_lines=3)
+
+
+def mosaic(image: np.ndarray) -> np.ndarray:
+    """What the checkpoint's VAE (base_model.mosaic_taesd) returns for an image: 8x8 patch means."""
+    h, w, _ = image.shape
+    means = image.reshape(h // 8, 8, w // 8, 8, 3).mean(axis=(1, 3))
+    return means.repeat(8, axis=0).repeat(8, axis=1)
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _interp(points, x):
+    """Linear interpolation of y at x on a curve of (x, y) points sorted by x; None outside its range."""
+    points = sorted(points)
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        if xa <= x <= xb:
+            return ya if xb == xa else ya + (yb - ya) * (x - xa) / (xb - xa)
+    return None
+
+
+def equal_fidelity_table(sweeps, key: str = "background") -> list[tuple]:
+    """Alignment (`key`) of locked and trained keys at the same fidelity, interpolated along each beta sweep."""
+    curve = lambda m: [(s["fidelity"], s[key]) for s in sweeps if s["method"] == m and s["tau"] == 0.15]  # noqa: E731
+    locked, trained = curve("perfusion"), curve("trained_keys")
+    if not locked or not trained:
+        return []
+    lo = max(min(x for x, _ in locked), min(x for x, _ in trained))
+    hi = min(max(x for x, _ in locked), max(x for x, _ in trained))
+    rows = []
+    if lo < hi:
+        for x in np.linspace(lo, hi, 5):
+            rows.append((float(x), _interp(locked, x), _interp(trained, x)))
+    return rows
+
+
+def write_report(path: Path, results: dict, stages: dict, command: str, machine: str, narrative: str = "") -> None:
+    b = results["base"]
+    j = results["judges"]
+    results.setdefault("covariance", {"fingerprint": "?", "relative_difference_vs_pack_estimator_32_captions": float("nan")})
+    lines = []
+    w = lines.append
+    w("# Toy world: evidence that Perfusion works (issue 8)\n")
+    w("All numbers below are produced by one command and are reproducible with the fixed seeds listed; "
+      "`experiments/toy_world/REPORT.md` is regenerated by it.\n")
+    w("```\n" + command + "\n```\n")
+    w(f"Machine: {machine}. Stage wall times (first, uncached run; the machine was shared with other "
+      "developers' jobs, so times are upper bounds):\n")
+    w("| stage | wall time |\n|---|---|")
+    for name, seconds in stages.items():
+        w(f"| {name} | {seconds / 60:.1f} min |" if seconds is not None else f"| {name} | cached |")
+    w("")
+    if narrative:
+        w(narrative)
+    w("## 1. The world\n")
+    w("48x48 images (geometry on a 64-unit canvas, 3x3 supersampled): one or two objects from 4 superclasses "
+      "(`star`, `circle`, `square`, `triangle`: one CLIP token each, checked by tests/test_toy_world.py), "
+      "6 colours, 3 patterns (plain, striped, dotted), 2 sizes, 3 positions (left / center / right), on 6 "
+      "background scenes (`grass`, `sand`, `sky`, `night`, `snow`, `brick`). Captions come from a small grammar "
+      "(`world.py`, parsed back by `world.parse_caption`). Two held-out concepts never appear in base training: "
+      "`tw_star` (a star, cyan top half, magenta bottom half) and `tw_circle` (a circle, lime ring, indigo core). "
+      "Their 4 training photos show them big, in the centre, on sand or snow only.\n")
+    w("![world](figures/world_samples.png)\n")
+    w("The same scenes as the checkpoint's VAE encodes and decodes them (what the UNet learns and what every "
+      "generated image looks like):\n")
+    w("![world through the VAE](figures/world_samples_vae.png)\n")
+    w("![concept photos](figures/concept_photos.png)\n")
+    w("## 2. The base model follows its prompts\n")
+    w(f"Generated by ComfyUI's KSampler ({results['sampling']['sampler']}/{results['sampling']['scheduler']}, "
+      f"{results['sampling']['steps']} steps, cfg {results['sampling']['cfg']}) from the checkpoint loaded by the stock "
+      f"CheckpointLoaderSimple; {b['images']['single']} single-object images ({b['images']['single'] // 2} prompts "
+      "with every attribute written, 2 seeds each) read by the attribute judge:\n")
+    w("| attribute | agrees with the prompt | chance |\n|---|---|---|")
+    for a in ("background", "position", "shape", "colour", "size"):
+        w(f"| {a} | {_pct(b[a + '_rate'])} | {_pct(b['chance'][a])} |")
+    w(f"| background and position | {_pct(b['background_and_position_rate'])} | {_pct(1 / 18)} |")
+    w(f"| all five | {_pct(b['all_five_rate'])} | {100 * b['chance']['all_five']:.2f}% |")
+    w(f"\nTwo-object prompts ({b['images']['two_objects']} images): background {_pct(b['two_object_background_rate'])}, "
+      f"judged to hold two objects {_pct(b['two_object_count_rate'])}.\n")
+    w("![base samples](figures/base_samples.png)\n")
+    w("![base loss](figures/base_loss.png)\n")
+    w("## 3. The judges\n")
+    w("Accuracy on 600 held-out rendered scenes (new seed), clean and after a VAE round trip "
+      "(generated images pass through the same decoder):\n")
+    w("| judge | clean | through the VAE |\n|---|---|---|")
+    for k in j.get("attribute_accuracy_clean", {}):
+        w(f"| attribute: {k} | {_pct(j['attribute_accuracy_clean'][k])} | {_pct(j['attribute_accuracy_vae'][k])} |")
+    for k in j.get("concept_accuracy_clean", {}):
+        w(f"| concept: {k} present? | {_pct(j['concept_accuracy_clean'][k])} | {_pct(j['concept_accuracy_vae'][k])} |")
+    w("")
+    w("## 4. Personalisation: fidelity against alignment\n")
+    t = results["train"]
+    w(f"Each concept is trained from its 4 photos by PerfusionTrainConcept (steps {t['steps']}, batch {t['batch_size']}, "
+      f"value_lr {t['value_lr']}, embedding_lr {t['embedding_lr']}, train beta/tau {t['train_beta']}/{t['train_tau']}, "
+      f"seed {t['seed']}), three ways: Perfusion with locked keys (`train_values` on, `train_keys` off: the pack's "
+      "default), Perfusion with trained keys (`train_keys` on), and textual inversion (`train_values` off: word "
+      "vector only, applied with strength 0 so the model is untouched). Covariance: the pack's own cache entry "
+      f"for this CLIP (fingerprint {results['covariance']['fingerprint']}; computed through the exact context shortcut, "
+      f"relative difference to the pack's estimator on 32 captions {results['covariance']['relative_difference_vs_pack_estimator_32_captions']:.1e}).\n")
+    secs = results["concepts"]["seconds"]
+    w("Training wall time per concept: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items() if v) + ".\n")
+    w("Evaluation: prompts `a embedding:<concept> on <bg>, on the <pos>` for the 4 backgrounds and 2 positions "
+      f"the photos never show, {results['sampling']['batch']} seeds each, both concepts: "
+      "**fidelity** = mean probability the concept judge gives the concept; **detected** = share with "
+      "probability > 0.5; **alignment** = share whose background and position both match the prompt.\n")
+    w("| setting | fidelity | detected | alignment | background | position | images |\n|---|---|---|---|---|---|---|")
+    for s in results["sweeps"]:
+        w(f"| {s['label']} | {s['fidelity']:.3f} | {_pct(s['detected'])} | {_pct(s['alignment'])} | "
+          f"{_pct(s['background'])} | {_pct(s['position'])} | {s['images']} |")
+    w("\nPer concept (fidelity / alignment):\n")
+    names = sorted(k for k in results["sweeps"][0] if k.startswith("tw_")) if results["sweeps"] else []
+    w("| setting | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for s in results["sweeps"]:
+        w(f"| {s['label']} | " + " | ".join(f"{s[n]['fidelity']:.3f} / {_pct(s[n]['alignment'])}" for n in names) + " |")
+    w("\n![front](figures/front.png)\n")
+    w("![front, background and position](figures/front_background_and_position.png)\n")
+    w("### Key-locking against trained keys at equal fidelity\n")
+    for key, what in (("background", "background"), ("alignment", "background and position")):
+        rows = equal_fidelity_table(results["sweeps"], key)
+        if rows:
+            w(f"Alignment ({what}) interpolated along each beta sweep (tau 0.15) at the same fidelity:\n")
+            w("| fidelity | locked keys | trained keys |\n|---|---|---|")
+            for x, a, c in rows:
+                w(f"| {x:.3f} | {_pct(a)} | {_pct(c)} |")
+            w("")
+        else:
+            w(f"Alignment ({what}): the two beta sweeps do not overlap in fidelity, so no equal-fidelity comparison "
+              "can be interpolated; see the table above.\n")
+    w("")
+    for name in names:
+        w(f"![contexts {name}](figures/contexts_{name}.png)\n")
+    w("## 5. Two concepts in one image, and a concept with a companion\n")
+    w("PerfusionCombineConcepts (tw_circle + tw_star) -> one PerfusionApplyConcept (beta 0.7, tau 0.15; strength 0 "
+      "for textual inversion). Prompts `a embedding:A and a embedding:B on <bg>` (both orders, 4 unseen "
+      "backgrounds) and `a embedding:A and a <colour> <shape> on <bg>`.\n")
+    w("| method | tw_circle detected | tw_star detected | both | background | two objects | both + background | "
+      "companion prompts: concept detected | background | two objects |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["two_concepts"]:
+        tc, wc = r["two_concepts"], r["with_companion"]
+        w(f"| {r['method']} | {_pct(tc['tw_circle_detected'])} | {_pct(tc['tw_star_detected'])} | "
+          f"{_pct(tc['both_detected'])} | {_pct(tc['background'])} | {_pct(tc['two_objects'])} | "
+          f"{_pct(tc['both_and_background'])} | {_pct(wc['concept_detected'])} | {_pct(wc['background'])} | "
+          f"{_pct(wc['two_objects'])} |")
+    w("\n![two concepts](figures/two_concepts.png)\n")
+    path.write_text("\n".join(lines) + "\n")

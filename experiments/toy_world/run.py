@@ -1,0 +1,170 @@
+"""Reproduce the toy-world evidence in one command (cached stages; see REPORT.md):
+
+    nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py
+
+Stages, each cached in ~/.cache/comfyui-perfusion/toy_world/<stage>-<config hash>/:
+  vae       the TAESD-format VAE (hand-set weights: 8x8 patch means, decoded as mosaics)
+  base      the UNet trained on captioned world scenes; the SD1.5-format checkpoint
+  judges    small CNNs: attributes (background, position, shape, colour, size) and the held-out concepts
+  results   the experiments through ComfyUI's executor and the pack's nodes -> results.json, figures, REPORT.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import cache  # noqa: E402
+import comfy_env  # noqa: E402
+
+log = logging.getLogger("toy_world")
+
+VERSION = 1  # bump to invalidate every cached stage
+
+VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
+BASE_CONFIG = {"version": VERSION, "vae": VAE_CONFIG, "images": 12000, "data_seed": 2, "two_objects": 0.2,
+               "clip_seed": 3, "unet_seed": 4, "steps": 900, "batch": 64, "lr": 3e-4, "uncond_rate": 0.1,
+               "ema": 0.999}
+
+
+def stage_vae(cfg=VAE_CONFIG):
+    """The checkpoint's VAE: a TAESD with hand-set weights (base_model.mosaic_taesd), and its reconstruction error."""
+    import safetensors.torch
+    import base_model
+    import world
+    folder = cache.folder("vae", cfg)
+    path = folder / "taesd.safetensors"
+    if path.is_file():
+        return path
+    vae = base_model.mosaic_taesd()
+    safetensors.torch.save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(path))
+    _, images = world.generic_dataset(256, cfg["seed"])
+    err = float(abs(base_model.reconstruct(vae, images) - images).mean())
+    (folder / "stats.json").write_text(json.dumps({"seconds": 0.0, "recon_l1_256": err}))
+    log.info("VAE (mosaic TAESD) reconstruction L1 %.4f", err)
+    return path
+
+
+def load_vae(path):
+    import safetensors.torch
+    from comfy.taesd.taesd import TAESD
+    vae = TAESD()
+    vae.load_state_dict(safetensors.torch.load_file(str(path)))
+    return vae.eval()
+
+
+def stage_base(cfg=BASE_CONFIG):
+    import torch
+    import base_model
+    import world
+    folder = cache.folder("base", cfg)
+    path = folder / "toy_world_sd15.safetensors"
+    if path.is_file():
+        return path
+    t0 = time.time()
+    vae = load_vae(stage_vae(cfg["vae"]))
+    scenes, images = world.world_dataset(cfg["images"], cfg["data_seed"], cfg["two_objects"])
+    raw = base_model.mosaic_latents(images)  # = the mosaic TAESD's encoder, without running its zero convolutions
+    check = float((base_model.raw_latents(vae, images[:64]) - raw[:64]).abs().max())
+    assert check < 0.01, check
+    base_model.set_latent_statistics(vae, raw)
+    latents = (raw / vae.vae_scale.item()) + vae.vae_shift.item()  # exactly TAESD.encode's output
+    log.info("encoded %d images in %.0f s", len(images), time.time() - t0)
+    clip = base_model.build_clip(cfg["clip_seed"])
+    contexts = base_model.ContextEncoder(clip)
+    diff = base_model.check_contexts(clip, [s.caption for s in scenes[:4]] + [""])
+    log.info("context shortcut vs ComfyUI's CLIP: max |diff| %.2e", diff)
+    assert diff < 1e-4, diff
+    ids = torch.tensor([contexts.token_ids(s.caption) for s in scenes])
+    empty = torch.tensor(contexts.token_ids(""))
+    model = base_model.build_unet_model(cfg["unet_seed"])
+    t1 = time.time()
+    ema, losses = base_model.train_unet(model, latents, ids, empty, contexts, cfg["steps"], cfg["batch"],
+                                        cfg["unet_seed"], cfg["lr"], cfg["uncond_rate"], cfg["ema"])
+    train_s = time.time() - t1
+    base_model.save_checkpoint(path, model, ema, clip, vae)
+    (folder / "stats.json").write_text(json.dumps({"seconds": time.time() - t0, "unet_train_seconds": train_s,
+                                                   "context_check_max_diff": diff, "losses": losses}))
+    log.info("base model done in %.0f s -> %s", time.time() - t0, path)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the recorded run used 1)")
+    parser.add_argument("--until", choices=["vae", "base", "judges", "results"], default="results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
+    parser.add_argument("--only", choices=["judges"], help="run just this stage (its inputs must be cached or cheap)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+    torch.set_num_threads(args.threads)
+    comfy_env.import_comfy()
+    start = time.time()
+    if args.only == "judges":
+        import judges
+        judges.stage_judges(stage_vae())
+        return
+    stage_vae()
+    if args.until == "vae":
+        return
+    stage_base()
+    if args.until == "base":
+        return
+    import judges
+    import experiments
+    judge_path = judges.stage_judges(stage_vae())
+    if args.until == "judges":
+        return
+    if not (args.report_only and (HERE / "results.json").is_file()):
+        experiments.run_all(stage_base(), judge_path, HERE)
+    write_report(judge_path)
+    log.info("all done in %.0f s", time.time() - start)
+
+
+def _stage_seconds(stage, cfg, key="seconds"):
+    stats = cache.root() / f"{stage}-{cache.key(cfg)}" / "stats.json"
+    return json.loads(stats.read_text()).get(key) if stats.is_file() else None
+
+
+def write_report(judge_path):
+    import platform
+    import report
+    results = json.loads((HERE / "results.json").read_text())
+    base_stats = json.loads((cache.root() / f"base-{cache.key(BASE_CONFIG)}" / "stats.json").read_text())
+    report.loss_plot(base_stats["losses"], HERE / "figures" / "base_loss.png", "base UNet training loss (eps MSE)")
+    report.world_figures(HERE / "figures")
+    report.front_plot(results, HERE / "figures" / "front.png", "background",
+                      "alignment: background as prompted (share of images)")
+    report.front_plot(results, HERE / "figures" / "front_background_and_position.png", "alignment",
+                      "alignment: background and position as prompted (share of images)")
+    t = results["timings"]
+    stages = {"VAE (TAESD format, hand-set weights: nothing to train)": _stage_seconds("vae", VAE_CONFIG),
+              "base model: data, encoding, UNet training, checkpoint": base_stats.get("seconds"),
+              "  of which UNet training": base_stats.get("unet_train_seconds"),
+              "judges": json.loads((judge_path / "stats.json").read_text()).get("seconds"),
+              "covariance (pack cache entry)": t.get("covariance"),
+              "base-model evaluation": t.get("base_eval"),
+              "concept training (6 concepts)": t.get("concept_training"),
+              "beta / tau sweeps": t.get("sweeps"),
+              "two concepts": t.get("two_concepts")}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import torch
+    machine = (f"{cpu}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__} with "
+               f"{torch.get_num_threads()} thread(s), {platform.system()}; ComfyUI {comfy_env.host_path().name}")
+    narrative_file = HERE / "narrative.md"
+    narrative = narrative_file.read_text() if narrative_file.is_file() else ""
+    command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
+    report.write_report(HERE / "REPORT.md", results, stages, command, machine, narrative)
+
+
+if __name__ == "__main__":
+    main()
