@@ -104,3 +104,11 @@ def small_corpus(monkeypatch):
     corpus = covariance.load_corpus()[:SMALL_CORPUS]
     monkeypatch.setattr(covariance, "load_corpus", lambda path=covariance.CORPUS: list(corpus))
     return corpus
+
+
+@pytest.fixture(scope="module")
+def host():
+    """The ComfyUI checkout (for tests that start its server); skipped loudly when none is found."""
+    if HOST is None:
+        pytest.skip("no ComfyUI host (see the loud line above)")
+    return HOST

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import find_comfyui
 from comfy_server import LOOPBACK, REPO, ComfyServer, tiny_checkpoint_file
+from run_workflow import write_placeholder_photos
 from workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
@@ -103,23 +103,6 @@ def _write_concepts(folder: Path, checkpoint: Path, files: set[str]) -> None:
         write_concept(random_concept(model, "sd1", name, seed=seed), folder / filename)
 
 
-def _write_photos(folder: Path) -> None:
-    from PIL import Image, ImageDraw
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, background in enumerate([(40, 120, 200), (60, 160, 60), (220, 220, 210)]):
-        image = Image.new("RGB", (64, 64), background)
-        ImageDraw.Draw(image).ellipse((14 + 4 * index, 18, 46 + 4 * index, 56), fill=(120, 80, 40))
-        image.save(folder / f"{index}.png")
-
-
-@pytest.fixture(scope="module")
-def host():
-    found = find_comfyui(REPO)
-    if found is None:
-        pytest.skip("no ComfyUI host")
-    return found
-
-
 @pytest.fixture(scope="module")
 def sync_playwright():
     return _playwright()
@@ -135,7 +118,7 @@ def server(tmp_path_factory, host, sync_playwright):  # Playwright first: skip b
         os.link(checkpoint, srv.models / "checkpoints" / name)
     _write_concepts(srv.models / "perfusion", checkpoint, wanted["PerfusionLoadConcept"])
     for folder in wanted["LoadImageSetFromFolderNode"]:
-        _write_photos(srv.input_dir / folder)
+        write_placeholder_photos(srv.input_dir / folder)
     (srv.base / "user" / "default").mkdir(parents=True, exist_ok=True)
     (srv.base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     with srv:

@@ -37,9 +37,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_host import find_comfyui
 from comfy_server import (CHECKPOINT_NAME, REPO, ComfyServer, Events, output_files, require_success,
                           tiny_checkpoint_file)
+from run_workflow import write_placeholder_photos
 from workflow_api import nodes_of_type, ui_to_api
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
@@ -57,17 +57,6 @@ WAIT = 240                      # seconds, for any one prompt (a training step o
 
 # ---------------------------------------------------------------- the server and its inputs
 
-def _write_photos(folder: Path) -> None:
-    """Three 64x64 photos of a brown blob on different backgrounds."""
-    from PIL import Image, ImageDraw
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, background in enumerate([(40, 120, 200), (60, 160, 60), (220, 220, 210)]):
-        image = Image.new("RGB", (SIZE, SIZE), background)
-        draw = ImageDraw.Draw(image)
-        draw.ellipse((14 + 4 * index, 18, 46 + 4 * index, 56), fill=(120, 80, 40))
-        image.save(folder / f"{index}.png")
-
-
 def _write_covariance(folder: Path) -> None:
     """A random symmetric positive definite 768x768 covariance (key `covariance`), so training does not
     estimate one over the whole caption corpus with CLIP-L on the CPU (minutes)."""
@@ -76,14 +65,6 @@ def _write_covariance(folder: Path) -> None:
     A = torch.randn(768, 768, generator=generator, dtype=torch.float64) / 768 ** 0.5
     C = (A @ A.T + torch.eye(768, dtype=torch.float64)).float().contiguous()
     safetensors.torch.save_file({"covariance": C}, str(folder / COVARIANCE))
-
-
-@pytest.fixture(scope="module")
-def host():
-    found = find_comfyui(REPO)
-    if found is None:
-        pytest.skip("no ComfyUI host")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +77,7 @@ def server(tmp_path_factory, host, checkpoint):
     srv = ComfyServer(host, tmp_path_factory.mktemp("comfy_server"), checkpoint, extra_args=SERVER_ARGS,
                       lifetime=900)  # the whole module, with room for a slow, shared machine
     srv.layout()
-    _write_photos(srv.input_dir / PHOTOS)
+    write_placeholder_photos(srv.input_dir / PHOTOS)
     _write_covariance(srv.models / "perfusion_covariance")
     with srv:
         yield srv

@@ -130,7 +130,7 @@ class Run:
             for photo in photos:
                 shutil.copy2(photo, target / photo.name)
         elif self.smoke:
-            _write_placeholder_photos(target)
+            write_placeholder_photos(target)
         if self.args.masks is not None:
             (target / "mask").mkdir()
             for mask in sorted(p for p in self.args.masks.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES):
@@ -237,8 +237,9 @@ def _log_progress(value, total, preview, node_id=None) -> None:
         log.info("  progress %d/%d", value, total)
 
 
-def _write_placeholder_photos(folder: Path) -> None:
-    """Four 64x64 photos of a brown blob on different backgrounds, for the smoke run."""
+def write_placeholder_photos(folder: Path) -> None:
+    """Four 64x64 photos of a brown blob on different backgrounds, for the smoke run (and tests)."""
+    folder.mkdir(parents=True, exist_ok=True)
     from PIL import Image, ImageDraw
     backgrounds = [(40, 120, 200), (60, 160, 60), (220, 220, 210), (200, 80, 60)]
     for index, background in enumerate(backgrounds):
