@@ -134,6 +134,15 @@ def _sampling(graph: Graph, model_from: tuple, clip_from: tuple, vae_from: tuple
     return sampler
 
 
+def _apply(graph: Graph, checkpoint: dict, concept_from: tuple, pos) -> dict:
+    """Perfusion Apply Concept on the checkpoint's MODEL and CLIP, with the concept from `concept_from`."""
+    apply = graph.add("PerfusionApplyConcept", pos, size=(320, 250))
+    graph.connect(checkpoint, "MODEL", apply, "model")
+    graph.connect(checkpoint, "CLIP", apply, "clip")
+    graph.connect(*concept_from, apply, "concept")
+    return apply
+
+
 def train_concept(info: dict) -> dict:
     graph = Graph(info)
     graph.note(
@@ -160,7 +169,6 @@ def train_concept(info: dict) -> dict:
     save = graph.add("PerfusionSaveConcept", (940, 20), {"filename_prefix": "{name}"}, size=(320, 60))
     loss = graph.add("LossGraphNode", (940, 120), {"filename_prefix": f"{CONCEPT}_loss"},
                      size=(320, 60))
-    apply = graph.add("PerfusionApplyConcept", (940, 240), size=(320, 250))
     graph.connect(checkpoint, "MODEL", train, "model")
     graph.connect(checkpoint, "CLIP", train, "clip")
     graph.connect(checkpoint, "VAE", train, "vae")
@@ -169,9 +177,7 @@ def train_concept(info: dict) -> dict:
     graph.connect(to_mask, "MASK", train, "masks")
     graph.connect(train, "concept", save, "concept")
     graph.connect(train, "loss", loss, "loss")
-    graph.connect(checkpoint, "MODEL", apply, "model")
-    graph.connect(checkpoint, "CLIP", apply, "clip")
-    graph.connect(train, "concept", apply, "concept")
+    apply = _apply(graph, checkpoint, (train, "concept"), (940, 240))
     _sampling(graph, (apply, "MODEL"), (apply, "CLIP"), (checkpoint, "VAE"),
               f"a photo of embedding:{CONCEPT} on a wooden table", 1300, 20, f"perfusion/{CONCEPT}")
     return graph.to_json("train_concept")
@@ -194,10 +200,7 @@ def generate(info: dict) -> dict:
     checkpoint = graph.add("CheckpointLoaderSimple", (20, 360), {"ckpt_name": CHECKPOINT}, size=(440, 100))
     concept = graph.add("PerfusionLoadConcept", (20, 500), {"concept_name": f"{CONCEPT}_00001.safetensors"},
                         size=(440, 60))
-    apply = graph.add("PerfusionApplyConcept", (500, 360), size=(320, 250))
-    graph.connect(checkpoint, "MODEL", apply, "model")
-    graph.connect(checkpoint, "CLIP", apply, "clip")
-    graph.connect(concept, "concept", apply, "concept")
+    apply = _apply(graph, checkpoint, (concept, "concept"), (500, 360))
     _sampling(graph, (apply, "MODEL"), (apply, "CLIP"), (checkpoint, "VAE"),
               f"a photo of embedding:{CONCEPT} on the beach, sunset", 860, 20, f"perfusion/{CONCEPT}")
     return graph.to_json("generate")
@@ -219,12 +222,9 @@ def two_concepts(info: dict) -> dict:
     second = graph.add("PerfusionLoadConcept", (20, 560),
                        {"concept_name": f"{OTHER_CONCEPT}_00001.safetensors"}, size=(440, 60))
     combine = graph.add("PerfusionCombineConcepts", (500, 520), size=(320, 100))
-    apply = graph.add("PerfusionApplyConcept", (500, 200), size=(320, 250))
     graph.connect(first, "concept", combine, "concept_1")
     graph.connect(second, "concept", combine, "concept_2")
-    graph.connect(checkpoint, "MODEL", apply, "model")
-    graph.connect(checkpoint, "CLIP", apply, "clip")
-    graph.connect(combine, "concepts", apply, "concept")
+    apply = _apply(graph, checkpoint, (combine, "concepts"), (500, 200))
     _sampling(graph, (apply, "MODEL"), (apply, "CLIP"), (checkpoint, "VAE"),
               f"a photo of embedding:{CONCEPT} and embedding:{OTHER_CONCEPT} sitting in a garden",
               860, 20, "perfusion/two_concepts")
