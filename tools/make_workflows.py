@@ -194,8 +194,8 @@ def generate(info: dict) -> dict:
         "3. Tuning: lower beta (0.6) shows the concept more strongly; higher beta (0.75) keeps the rest of "
         "the prompt in control. strength scales the whole edit; start_at/end_at limit it to part of "
         "the sampling.\n\n"
-        "Works with LoRA (put LoraLoader before or after the apply node), ControlNet and IPAdapter like any "
-        "other MODEL/CLIP patch.",
+        "Works with LoRA (put LoraLoader before or after the apply node) and ControlNet; IPAdapter should "
+        "compose too but is not tested yet.",
         (20, 20), size=(440, 300))
     checkpoint = graph.add("CheckpointLoaderSimple", (20, 360), {"ckpt_name": CHECKPOINT}, size=(440, 100))
     concept = graph.add("PerfusionLoadConcept", (20, 500), {"concept_name": f"{CONCEPT}_00001.safetensors"},
