@@ -317,3 +317,19 @@ def test_base_model_in_the_server_cache_samples_bit_identical_to_a_fresh_load(se
         assert latent.dtype == other.dtype and latent.shape == other.shape
         assert latent.numpy().tobytes() == other.numpy().tobytes(), \
             f"SaveLatent {node_id}: max difference {(latent - other).abs().max().item():g}"
+
+
+def test_template_browser_lists_the_shipped_workflows_with_their_thumbnails(server):
+    """The editor's template browser lists workflows/*.json under the pack's folder name and shows
+    /api/workflow_templates/<pack>/<name>.jpg for each (tools/make_thumbnails.py writes them)."""
+    from PIL import Image
+    shipped = sorted(path.stem for path in (REPO / "workflows").glob("*.json"))
+    listed = server.get("/api/workflow_templates")
+    assert sorted(listed.get("perfusion", [])) == shipped, listed
+    for name in shipped:
+        workflow = server.get(f"/api/workflow_templates/perfusion/{name}.json")
+        assert workflow == json.loads((REPO / "workflows" / f"{name}.json").read_text())
+        thumbnail = server.get(f"/api/workflow_templates/perfusion/{name}.jpg")
+        assert isinstance(thumbnail, bytes), f"{name}.jpg: not served as an image"
+        with Image.open(io.BytesIO(thumbnail)) as image:
+            assert image.format == "JPEG" and image.width >= 300, (name, image.format, image.size)
