@@ -87,8 +87,12 @@ def cached_covariance(clip, cache_dir: Path, on_progress=None) -> tuple[torch.Te
     fingerprint = text_encoder_fingerprint(clip, corpus)
     path = Path(cache_dir) / f"{fingerprint}.safetensors"
     if path.is_file():
-        log.info("Perfusion: covariance %s from cache", fingerprint)
-        return safetensors.torch.load_file(str(path))["covariance"].double(), fingerprint
+        try:
+            C = _read_covariance(path, context_dim=None)
+            log.info("Perfusion: covariance %s from cache", fingerprint)
+            return C, fingerprint
+        except ValueError as error:  # a damaged cache entry is ours to replace, not the user's problem
+            log.warning("Perfusion: %s Estimating it again and replacing the cache entry.", error)
     log.info("Perfusion: estimating the covariance over %d captions (once per text-encoder setup)", len(corpus))
     C = estimate_covariance(clip, corpus, on_progress)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,15 +104,24 @@ def cached_covariance(clip, cache_dir: Path, on_progress=None) -> tuple[torch.Te
 
 def load_covariance_file(path: Path, context_dim: int) -> tuple[torch.Tensor, str]:
     """A user-supplied covariance (safetensors, key `covariance`, [d, d]); fingerprint = its content hash."""
+    C = _read_covariance(path, context_dim)
+    return C, "file-" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _read_covariance(path: Path, context_dim: int | None) -> torch.Tensor:
+    """The `covariance` tensor of a safetensors file as float64, checked: square (of side context_dim when
+    given) and finite. Raises ValueError saying what is wrong."""
     import safetensors.torch
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for malformed files
         raise ValueError(f"Covariance file '{path}' is not a readable safetensors file: {error}") from None
     C = tensors.get("covariance")
-    if C is None or C.shape != (context_dim, context_dim):
-        raise ValueError(f"Covariance file '{path}' needs a tensor 'covariance' of shape [{context_dim}, {context_dim}] "
+    square = C is not None and C.ndim == 2 and C.shape[0] == C.shape[1]
+    if not square or (context_dim is not None and C.shape[0] != context_dim):
+        side = "d" if context_dim is None else context_dim
+        raise ValueError(f"Covariance file '{path}' needs a tensor 'covariance' of shape [{side}, {side}] "
                          f"for this model; found {None if C is None else list(C.shape)}.")
     if not torch.isfinite(C).all():
         raise ValueError(f"Covariance file '{path}' contains NaN or Inf.")
-    return C.double(), "file-" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return C.double()

@@ -443,3 +443,31 @@ def test_interrupted_covariance_cache_write_leaves_no_file(tmp_path, monkeypatch
     C, fingerprint = covariance.cached_covariance(clip, tmp_path)
     assert os.listdir(tmp_path) == [f"{fingerprint}.safetensors"]
     assert torch.equal(covariance.cached_covariance(clip, tmp_path)[0], C.float().double())
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("damage", ["truncated", "wrong key", "not square", "NaN"])
+def test_damaged_covariance_cache_entry_is_estimated_again(tmp_path, monkeypatch, caplog, damage):
+    """A cache entry that cannot be used (a disk error, a tool that rewrote it) is not the user's problem:
+    the train node warns, estimates the covariance again and replaces the entry."""
+    import safetensors.torch
+    from perfusion_ops import covariance
+    from tiny_models import tiny_clip
+    corpus = covariance.load_corpus()[:8]
+    monkeypatch.setattr(covariance, "load_corpus", lambda path=covariance.CORPUS: list(corpus))
+    clip = tiny_clip("sd1")
+    C, fingerprint = covariance.cached_covariance(clip, tmp_path)
+    entry = tmp_path / f"{fingerprint}.safetensors"
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    else:
+        bad = {"wrong key": {"cov": C.float()}, "not square": {"covariance": C.float()[:-1]},
+               "NaN": {"covariance": torch.full_like(C.float(), float("nan"))}}[damage]
+        safetensors.torch.save_file(bad, str(entry))
+    with caplog.at_level(logging.WARNING, logger=covariance.log.name):
+        again, fingerprint_again = covariance.cached_covariance(clip, tmp_path)
+    assert fingerprint_again == fingerprint
+    assert any("Estimating it again" in record.getMessage() for record in caplog.records), caplog.text
+    assert torch.equal(again, C)
+    assert os.listdir(tmp_path) == [entry.name]  # replaced in place, no temporary file left
+    assert torch.equal(safetensors.torch.load_file(str(entry))["covariance"], C.float())
