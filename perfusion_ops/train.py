@@ -24,6 +24,7 @@ from .patch import AppliedConcept, LayerEdit, PerfusionError, cross_attention_la
 from .text import clip_architecture, clip_with_word_vectors
 
 log = logging.getLogger(__name__)
+GATE_INPUT_TOLERANCE = 0.5  # |r − 1| on the concept's own word beyond which training warns (see _check_gate_input)
 
 # The prompt templates of the reference recipe (perfusion-method.md §2.2).
 TEMPLATES = ["a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}",
@@ -245,12 +246,36 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                 losses.append(loss.detach().item())
                 if on_step is not None:
                     on_step(step, losses[-1], x0_prediction.detach())
+            with torch.no_grad():  # the finished word in every template, for the gate check below
+                own_encoding = _encode_prompts(concept_clip, train_clip, TEMPLATES, name, superclass)[2]
         i_star = i_star.float()  # what the file stores; u is solved from exactly that
-        final = _concept(name, superclass, arch, embeddings, i_star, metric_vector(C_inv, i_star), i_super, values,
-                         covariance_id, settings, losses, detach=True, keys=keys)
+        u = metric_vector(C_inv, i_star)
+        gate_input = own_gate_input(own_encoding, i_star, u)
+        _check_gate_input(name, gate_input)
+        final = _concept(name, superclass, arch, embeddings, i_star, u, i_super, values,
+                         covariance_id, settings, losses, detach=True, keys=keys, gate_input=gate_input)
         return final, losses
     finally:
         release(train_model, train_clip.patcher)
+
+
+def own_gate_input(encoding: torch.Tensor, i_star: torch.Tensor, u: torch.Tensor) -> float:
+    """r = uᵀx / uᵀi* for x = the concept word's own encoding: the gate input it gets at inference."""
+    encoding, i_star, u = encoding.double().cpu(), i_star.double().cpu(), u.double().cpu()
+    return float(u @ encoding / (u @ i_star))
+
+
+def _check_gate_input(name: str, r: float) -> None:
+    """The gate σ((r − β)/τ) is built for r ≈ 1 on the concept's own word. i* is an average over training, so
+    when the word vector moved fast until the end it lags behind, and r lands far from 1: then the gate is shut
+    (r below β) or saturated (r well above 1) at every useful β, and the β/τ knob does nothing."""
+    gate = torch.sigmoid(torch.tensor((r - INFERENCE_BETA) / INFERENCE_TAU)).item()
+    log.info("Perfusion: '%s' gate input on its own word r = %.2f (gate %.2f at beta %.2f, tau %.2f)",
+             name, r, gate, INFERENCE_BETA, INFERENCE_TAU)
+    if abs(r - 1.0) > GATE_INPUT_TOLERANCE:
+        log.warning("Perfusion: '%s' has gate input r = %.2f on its own word, far from 1, so beta and tau will "
+                    "barely change it (i*, an average over training, lags the word vector). Train for more steps "
+                    "or with a lower embedding_lr.", name, r)
 
 
 def _word_embedding(clip, encoder: str, token: int) -> torch.Tensor:
@@ -268,7 +293,7 @@ def _latent_masks(masks, latent_shape) -> torch.Tensor:
 
 
 def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, covariance_id, settings, losses,
-             detach=False, keys=None) -> Concept:
+             detach=False, keys=None, gate_input=None) -> Concept:
     take = (lambda t: t.detach().float().cpu().clone()) if detach else (lambda t: t)
     return Concept(
         name=name, superclass=superclass, arch=arch,
@@ -277,4 +302,5 @@ def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, cov
         values={path: take(v) for path, v in values.items()},
         keys={path: take(k) for path, k in (keys or {}).items()},
         beta=INFERENCE_BETA, tau=INFERENCE_TAU, covariance=covariance_id,
-        train=json.dumps({**asdict(settings), "final_loss": losses[-1] if losses else None}) if detach else "{}")
+        train=json.dumps({**asdict(settings), "final_loss": losses[-1] if losses else None,
+                          "gate_input": gate_input}) if detach else "{}")

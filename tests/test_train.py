@@ -1,4 +1,6 @@
 """Issue 4: training a concept, the covariance, cancel; through ComfyUI's executor where it matters."""
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +113,41 @@ def test_training_on_real_photos_lowers_the_loss_and_changes_only_the_concept(sm
     for k, v in clip.cond_stage_model.state_dict().items():
         assert torch.equal(v, clip_before[k]), f"CLIP weight {k} changed"
 
+    # The gate input of the finished word is recorded (a finite number) in the training settings.
+    assert np.isfinite(json.loads(trained.train)["gate_input"])
+
     # Same seed, same concept.
     again, _ = train_concept(model, clip, latents, "hugsy", "teddy", C, fingerprint, settings, masks=masks,
                              flipped_latents=vae.encode(torch.flip(images, dims=[2])),
                              flipped_masks=torch.flip(masks, dims=[2]))
     assert torch.equal(again.embeddings["clip_l"], trained.embeddings["clip_l"])
     assert all(torch.equal(again.values[p], trained.values[p]) for p in trained.values)
+
+
+def test_gate_input_is_one_for_an_unmoved_word_and_a_lagging_one_is_warned_about(small_corpus, tmp_path, caplog,
+                                                                                  monkeypatch):
+    """r = uᵀx / uᵀi* on the concept's own word: when the word vector never moves (embedding_lr 0) and there is one
+    prompt template, every encoding i* averages is the word's own encoding, so r = 1. (With several templates r
+    varies with them: the C⁻¹ metric weighs small context differences heavily.) A word far from i* (r off by more
+    than GATE_INPUT_TOLERANCE) makes training warn, naming the concept and the remedy."""
+    from perfusion_ops import train
+    from perfusion_ops.covariance import cached_covariance
+    monkeypatch.setattr(train, "TEMPLATES", ["a photo of a {}"])
+    model, clip, vae = tiny_model("sd1", std=0.2), tiny_clip("sd1"), tiny_vae()
+    images, _ = load_photos("teddy", 64)
+    C, fingerprint = cached_covariance(clip, tmp_path)
+    settings = train.TrainSettings(steps=3, seed=1, batch_size=2, value_lr=0.03, embedding_lr=0.0)
+    with caplog.at_level(logging.INFO, logger=train.log.name):
+        concept, _ = train.train_concept(model, clip, vae.encode(images), "hugsy", "teddy", C, fingerprint, settings)
+    r = json.loads(concept.train)["gate_input"]
+    assert abs(r - 1.0) < 1e-3, r
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train.log.name):
+        train._check_gate_input("hugsy", 1.0 + train.GATE_INPUT_TOLERANCE * 1.1)
+        train._check_gate_input("teddo", -0.4)
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warned) == 2 and "'teddo'" in warned[1] and "more steps" in warned[1], warned
 
 
 def test_superclass_of_several_tokens_is_refused_clearly():
