@@ -28,6 +28,9 @@ def import_comfy() -> Path:
         sys.path.insert(0, str(host))
         import comfy.cli_args
         comfy.cli_args.args.cpu = True
+        # ComfyUI's CPU default is a float16 text encoder, about 3.5x slower here than float32; concept
+        # training backpropagates through all of CLIP-L (the runner and the server tests do the same)
+        comfy.cli_args.args.fp32_text_enc = True
         _booted["host"] = host
     return _booted["host"]
 

@@ -25,7 +25,7 @@ import world
 log = logging.getLogger(__name__)
 
 SAMPLING = {"seed": 1000, "steps": 16, "cfg": 4.0, "sampler": "dpmpp_2m", "scheduler": "karras", "batch": 3}
-TRAIN = {"steps": 100, "seed": 0, "batch_size": 2, "resolution": world.SIZE, "value_lr": 0.03, "embedding_lr": 0.02,
+TRAIN = {"steps": 250, "seed": 0, "batch_size": 2, "resolution": world.SIZE, "value_lr": 0.03, "embedding_lr": 0.006,
          "train_beta": 0.75, "train_tau": 0.10, "flip": True}
 PHOTO_SEED = 7
 METHODS = {"perfusion": {"train_values": True, "train_keys": False},       # key-locked (the pack's default)
@@ -304,14 +304,28 @@ def run_two_concepts(runner, ckpt_name, judges, files, beta=0.7, tau=0.15):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def concepts_folder(ckpt_path: Path) -> Path:
+    return cache.folder("concepts", {"ckpt": str(ckpt_path), "train": TRAIN, "methods": METHODS,
+                                     "photo_seed": PHOTO_SEED, "text_encoder": "float32", "version": 2})
+
+
+def add_gate_inputs(ckpt_path: Path, out_dir: Path) -> None:
+    """results.json gains the gate inputs of the trained concepts (cheap: no sampling)."""
+    results = json.loads((out_dir / "results.json").read_text())
+    folder = concepts_folder(ckpt_path)
+    files = {method: {name: folder / file for name, file in by_concept.items()}
+             for method, by_concept in results["concepts"]["files"].items()}
+    results["gate_inputs"] = gate_inputs(ckpt_path, files)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+
+
 def run_all(ckpt_path: Path, judge_folder: Path, out_dir: Path):
     """Everything, in order of priority; results.json and the figures are rewritten after every part, so a
     cut-short run still leaves what it measured."""
     import report
     start = time.time()
     timings = {}
-    concepts_dir = cache.folder("concepts", {"ckpt": str(ckpt_path), "train": TRAIN, "methods": METHODS,
-                                             "photo_seed": PHOTO_SEED, "version": 1})
+    concepts_dir = concepts_folder(ckpt_path)
     pack = _setup(ckpt_path, concepts_dir)
     ckpt_name = ckpt_path.name
     attribute_judge, concept_judge = judges_module.load_judges(judge_folder)
@@ -358,3 +372,34 @@ def run_all(ckpt_path: Path, judge_folder: Path, out_dir: Path):
     results["two_concepts"], examples["two"] = run_two_concepts(runner, ckpt_name, judges, files)
     save("two_concepts", t0)
     return results
+
+
+def gate_inputs(ckpt_path: Path, files: dict) -> list[dict]:
+    """r = uᵀx / uᵀi* of each concept's own token in the evaluation prompts, and its gate at each swept beta
+    (tau 0.15). The gate is designed for r near 1 on the concept token; r far from 1 makes the beta/tau knob
+    idle (gate shut or saturated). Exact for this text encoder: the token's context is LayerNorm(e + position)
+    (base_model.ContextEncoder), the same for every prompt up to the position embedding."""
+    import sys
+    import torch
+    import comfy.sd
+    import base_model
+    pack = __import__("comfy_env").boot_with_pack()
+    read_concept = sys.modules[pack.__name__ + ".perfusion_ops.concept_file"].read_concept
+    clip = comfy.sd.load_checkpoint_guess_config(str(ckpt_path), output_vae=False)[1]
+    encoder = base_model.ContextEncoder(clip)
+    rows = []
+    for method, by_concept in files.items():
+        for name, path in sorted(by_concept.items()):
+            concept = read_concept(path)
+            u = concept.u.double() / concept.u.double().norm()
+            energy = float(u @ concept.i_star.double())
+            e = concept.embeddings["clip_l"][0].float()
+            rs = []
+            for position in range(1, 11):  # where the concept's token can sit in the world's prompts
+                x = torch.nn.functional.layer_norm(e + encoder.positions[position], (e.shape[-1],),
+                                                   encoder.norm_weight, encoder.norm_bias, encoder.eps)
+                rs.append(float(u @ x.double()) / energy)
+            r = rs[1]  # position 2: `a embedding:<name> ...`, the evaluation prompts
+            rows.append({"method": method, "concept": name, "r": r, "r_min": min(rs), "r_max": max(rs),
+                         "gate": {str(b): float(torch.sigmoid(torch.tensor((r - b) / 0.15))) for b in BETAS}})
+    return rows

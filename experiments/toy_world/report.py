@@ -259,6 +259,19 @@ def write_report(path: Path, results: dict, stages: dict, command: str, machine:
         w(f"| {s['label']} | " + " | ".join(f"{s[n]['fidelity']:.3f} / {_pct(s[n]['alignment'])}" for n in names) + " |")
     w("\n![front](figures/front.png)\n")
     w("![front, background and position](figures/front_background_and_position.png)\n")
+    if results.get("gate_inputs"):
+        w("### The gate input of each concept's own token\n")
+        w("r = u^T x / u^T i* for the concept's token x in the evaluation prompts (position 2; its range over "
+          "positions 1-10 in brackets), and its gate sigmoid((r - beta) / 0.15) at each swept beta. The gate is "
+          "built for r near 1: r far below beta shuts the edit off, r far above it saturates the gate, and either "
+          "way the beta/tau knob has nothing to move.\n")
+        betas = list(results["gate_inputs"][0]["gate"])
+        w("| method | concept | r | " + " | ".join(f"gate at beta {b}" for b in betas) + " |\n|---|---|---|"
+          + "---|" * len(betas))
+        for g in results["gate_inputs"]:
+            w(f"| {g['method']} | {g['concept']} | {g['r']:.2f} [{g['r_min']:.2f}, {g['r_max']:.2f}] | "
+              + " | ".join(f"{g['gate'][b]:.2f}" for b in betas) + " |")
+        w("")
     w("### Key-locking against trained keys at equal fidelity\n")
     for key, what in (("background", "background"), ("alignment", "background and position")):
         rows = equal_fidelity_table(results["sweeps"], key)

@@ -29,8 +29,8 @@ log = logging.getLogger("toy_world")
 VERSION = 1  # bump to invalidate every cached stage
 
 VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
-BASE_CONFIG = {"version": VERSION, "vae": VAE_CONFIG, "images": 12000, "data_seed": 2, "two_objects": 0.2,
-               "clip_seed": 3, "unet_seed": 4, "steps": 900, "batch": 64, "lr": 3e-4, "uncond_rate": 0.1,
+BASE_CONFIG = {"version": VERSION, "vae": VAE_CONFIG, "images": 24000, "data_seed": 2, "two_objects": 0.2,
+               "clip_seed": 3, "unet_seed": 4, "steps": 3600, "batch": 64, "lr": 3e-4, "uncond_rate": 0.1,
                "ema": 0.999}
 
 
@@ -98,7 +98,7 @@ def stage_base(cfg=BASE_CONFIG):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the recorded run used 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded run used 2, on 2 idle cores)")
     parser.add_argument("--until", choices=["vae", "base", "judges", "results"], default="results")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
     parser.add_argument("--only", choices=["judges"], help="run just this stage (its inputs must be cached or cheap)")
@@ -125,6 +125,7 @@ def main():
         return
     if not (args.report_only and (HERE / "results.json").is_file()):
         experiments.run_all(stage_base(), judge_path, HERE)
+    experiments.add_gate_inputs(stage_base(), HERE)
     write_report(judge_path)
     log.info("all done in %.0f s", time.time() - start)
 
