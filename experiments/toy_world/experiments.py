@@ -385,20 +385,19 @@ def gate_inputs(ckpt_path: Path, files: dict) -> list[dict]:
     import base_model
     pack = __import__("comfy_env").boot_with_pack()
     read_concept = sys.modules[pack.__name__ + ".perfusion_ops.concept_file"].read_concept
+    own_gate_input = sys.modules[pack.__name__ + ".perfusion_ops.train"].own_gate_input
     clip = comfy.sd.load_checkpoint_guess_config(str(ckpt_path), output_vae=False)[1]
     encoder = base_model.ContextEncoder(clip)
     rows = []
     for method, by_concept in files.items():
         for name, path in sorted(by_concept.items()):
             concept = read_concept(path)
-            u = concept.u.double() / concept.u.double().norm()
-            energy = float(u @ concept.i_star.double())
             e = concept.embeddings["clip_l"][0].float()
             rs = []
             for position in range(1, 11):  # where the concept's token can sit in the world's prompts
                 x = torch.nn.functional.layer_norm(e + encoder.positions[position], (e.shape[-1],),
                                                    encoder.norm_weight, encoder.norm_bias, encoder.eps)
-                rs.append(float(u @ x.double()) / energy)
+                rs.append(own_gate_input(x, concept.i_star, concept.u))
             r = rs[1]  # position 2: `a embedding:<name> ...`, the evaluation prompts
             rows.append({"method": method, "concept": name, "r": r, "r_min": min(rs), "r_max": max(rs),
                          "gate": {str(b): float(torch.sigmoid(torch.tensor((r - b) / 0.15))) for b in BETAS}})
