@@ -146,13 +146,18 @@ def mosaic_latents(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def raw_latents(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+def _in_batches(fn, images: np.ndarray, batch: int) -> torch.Tensor:
+    """fn over [N, H, W, 3] images in channel-first batches, under CPU bfloat16 autocast; results in float32."""
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out.append(vae.taesd_encoder(x).float())
+            out.append(fn(x).float())
     return torch.cat(out)
+
+
+def raw_latents(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    return _in_batches(vae.taesd_encoder, images, batch)
 
 
 def set_latent_statistics(vae, raw: torch.Tensor, latent_scale: float = 0.18215) -> None:
@@ -163,15 +168,9 @@ def set_latent_statistics(vae, raw: torch.Tensor, latent_scale: float = 0.18215)
         vae.vae_shift.fill_(-mean / (latent_scale * std))
 
 
-@torch.no_grad()
 def reconstruct(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            r = vae.taesd_decoder(vae.taesd_encoder(x))
-        out.append(r.float().clamp(0, 1).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
+    decoded = _in_batches(lambda x: vae.taesd_decoder(vae.taesd_encoder(x)), images, batch)
+    return decoded.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
