@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..perfusion_ops.concept import ARCHITECTURES, TRAIN_BETA, TRAIN_TAU, ConceptSet, is_valid_name
 from ..perfusion_ops.covariance import cached_covariance, load_covariance_file
+from ..perfusion_ops.host import show_text_on_node
 from ..perfusion_ops.patch import model_architecture
 from ..perfusion_ops.train import TrainSettings, train_concept
 from .common import CATEGORY, COVARIANCE_FOLDER, PerfusionConcept
@@ -25,15 +26,6 @@ def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
         return images
     pixels = images.movedim(-1, 1)
     return comfy.utils.common_upscale(pixels, resolution, resolution, "bicubic", "disabled").movedim(1, -1).clamp(0, 1)
-
-
-def _show_text(text: str, node_id) -> None:
-    """The current loss on the node, in the editor (no-op without a running server)."""
-    try:
-        from server import PromptServer
-        PromptServer.instance.send_progress_text(text, node_id)
-    except (ImportError, AttributeError):
-        pass
 
 
 class PerfusionTrainConcept(io.ComfyNode):
@@ -138,7 +130,7 @@ class PerfusionTrainConcept(io.ComfyNode):
             if previewer is not None and (step + 1) % preview_every == 0:
                 preview = previewer.decode_latent_to_preview_image("JPEG", x0_prediction[:1])
             progress.update_absolute(step + 1, steps, preview)
-            _show_text(f"step {step + 1}/{steps}, loss {loss:.4f}", cls.hidden.unique_id)
+            show_text_on_node(f"step {step + 1}/{steps}, loss {loss:.4f}", cls.hidden.unique_id)
             if (step + 1) % max(1, steps // 10) == 0:
                 log.info("Perfusion training '%s': step %d/%d, loss %.5f", name, step + 1, steps, loss)
 

@@ -16,10 +16,10 @@ import torch
 
 from . import rank1
 from .concept import ARCHITECTURES, Concept, numeric_problem
+from .host import DIFFUSION_MODEL_WRAPPER
 
 log = logging.getLogger(__name__)
 
-DIFFUSION_MODEL_WRAPPER = "diffusion_model"  # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 WRAPPER_KEY = "perfusion"
 
 

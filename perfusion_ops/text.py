@@ -1,7 +1,7 @@
 """The text side: `embedding:<name>` in a prompt resolves to a concept's word vectors, in a CLIP clone only.
 
 `CLIP.clone()` shares the tokenizer, so the clone gets shallow copies of the tokenizer and of its
-per-encoder tokenizers, whose embedding lookup knows the concepts (comfyui-host.md §2.2).
+per-encoder tokenizers, whose embedding lookup knows the concepts (perfusion_ops/host.py).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import copy
 import torch
 
 from .concept import Concept
+from .host import install_embedding_lookup
 from .patch import PerfusionError
 
 # Tokenizer attribute of each text encoder; it equals the concept file's embedding key.
@@ -28,23 +29,6 @@ def clip_architecture(clip) -> str:
                          "of SD1.x (CLIP-L), SD2.x (OpenCLIP-H) or SDXL (CLIP-L and bigG).")
 
 
-def _lookup_with(original, vectors: dict[str, torch.Tensor]):
-    """An embedding lookup that knows `vectors` and defers to `original` for any other name."""
-
-    def try_get_embedding(embedding_name: str):
-        words = embedding_name.split()
-        if words:
-            word = words[0]
-            stripped = word.strip(",")
-            if stripped in vectors:
-                leftover = " ".join(words[1:])
-                if len(stripped) < len(word):  # keep trailing commas as text, as ComfyUI's own lookup does
-                    leftover = f"{word[len(stripped):]} {leftover}"
-                return vectors[stripped], leftover
-        return original(embedding_name)
-    return try_get_embedding
-
-
 def clip_with_concepts(clip, concepts: list[Concept]):
     """A clone of `clip` in which `embedding:<name>` means each concept's learned word vector(s)."""
     arch = clip_architecture(clip)
@@ -60,13 +44,8 @@ def clip_with_word_vectors(clip, words: dict[str, dict[str, torch.Tensor]]):
     patched = clip.clone()
     tokenizer = copy.copy(patched.tokenizer)
     for encoder in ENCODER_ATTRIBUTES:
-        if not hasattr(tokenizer, encoder):
-            continue
-        sub = copy.copy(getattr(tokenizer, encoder))
-        sub._try_get_embedding = _lookup_with(sub._try_get_embedding,
-                                              {word: vectors[encoder] for word, vectors in words.items()})
-        if sub.embedding_directory is None:
-            sub.embedding_directory = []  # ComfyUI parses "embedding:" only when a directory is set
-        setattr(tokenizer, encoder, sub)
+        if hasattr(tokenizer, encoder):
+            setattr(tokenizer, encoder, install_embedding_lookup(getattr(tokenizer, encoder),
+                                                                 {word: v[encoder] for word, v in words.items()}))
     patched.tokenizer = tokenizer
     return patched

@@ -13,11 +13,11 @@ import contextlib
 import json
 import logging
 import random
-import types
 from dataclasses import asdict, dataclass
 
 import torch
 
+from . import host
 from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, Concept
 from .covariance import inverse, metric_vector
 from .patch import AppliedConcept, LayerEdit, PerfusionError, cross_attention_layers, model_architecture
@@ -63,40 +63,15 @@ def superclass_tokens(clip, superclass: str) -> dict[str, int]:
     return ids
 
 
-def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
-    # comfy's CLIPLayer adds in place, which autograd cannot differentiate through.
-    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
-    return x + self.mlp(self.layer_norm2(x))
-
-
 def trainable_clones(model, clip):
-    """Clones whose forward passes can be differentiated w.r.t. their inputs (comfyui-host.md §2.4, §3.3):
-    identity weight wrappers make each weight loaded as an inference tensor a fresh copy at use, and CLIP
-    layers add out of place. All of it lives on the clones only. Embedding tables need no copy: their
-    backward never reads the table."""
-    identity = lambda weight: weight  # noqa: E731
+    """Clones whose forward passes can be differentiated w.r.t. their inputs: weights loaded as inference tensors
+    are copied at use and CLIP layers add out of place (perfusion_ops/host.py). All of it lives on the clones."""
     train_model = model.clone()
     train_clip = clip.clone()
     for patcher in (train_model, train_clip.patcher):
-        for name, module in patcher.model.named_modules():
-            if not hasattr(module, "weight_function") or isinstance(module, torch.nn.Embedding):
-                continue
-            for param in ("weight", "bias"):
-                tensor = getattr(module, param, None)
-                if tensor is not None and tensor.is_inference():
-                    patcher.add_weight_wrapper(f"{name}.{param}", identity)
-    for name, module in train_clip.patcher.model.named_modules():
-        if type(module).__name__ == "CLIPLayer":
-            train_clip.patcher.add_object_patch(f"{name}.forward", types.MethodType(_out_of_place_clip_layer, module))
+        host.copy_inference_weights_at_use(patcher)
+    host.make_clip_differentiable(train_clip.patcher)
     return train_model, train_clip
-
-
-def release(*patchers) -> None:
-    """Unload training clones so the originals are what ComfyUI loads next."""
-    import comfy.model_management as mm
-    for i in reversed(range(len(mm.current_loaded_models))):
-        if mm.current_loaded_models[i].model in patchers:
-            mm.current_loaded_models.pop(i).model_unload()
 
 
 def encode(clip, prompt: str):
@@ -256,7 +231,7 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                          covariance_id, settings, losses, detach=True, keys=keys, gate_input=gate_input)
         return final, losses
     finally:
-        release(train_model, train_clip.patcher)
+        host.unload(train_model, train_clip.patcher)
 
 
 def own_gate_input(encoding: torch.Tensor, i_star: torch.Tensor, u: torch.Tensor) -> float:

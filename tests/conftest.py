@@ -6,54 +6,38 @@ that needs the host is skipped, with one loud line saying so.
 """
 from __future__ import annotations
 
-import asyncio
-import importlib.util
 import logging
 import sys
 from pathlib import Path
 
 import pytest
 
+import comfy_host  # tools/ is on pytest's pythonpath (pyproject.toml)
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("comfy_host", REPO / "tools" / "comfy_host.py")
-comfy_host = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(comfy_host)
 
 HOST = comfy_host.find_comfyui(REPO)
+HOST_NAME = comfy_host.selected_host().name
+HOST_VERSION = comfy_host.comfyui_version(HOST) if HOST else None
 PACK = None
-NO_HOST_LINE = ("!!! NO COMFYUI HOST FOUND: every test that needs ComfyUI is SKIPPED (not passed). "
-                "Run `bash tools/test.sh`, or set COMFYUI_PATH. !!!")
+NO_HOST_LINE = (f"!!! NO COMFYUI HOST FOUND ({HOST_NAME}): every test that needs ComfyUI is SKIPPED (not passed). "
+                "Run `bash tools/test.sh [--host minimum|current]`. !!!")
 
 
-def _boot_host():
-    """Import ComfyUI as a library on the CPU and load this pack with ComfyUI's custom-node loader."""
-    global PACK
-    sys.path.insert(0, str(HOST))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (comfyui-host.md §6.1)
-    import utils.install_util  # noqa: F401  (as main.py does: before nodes.py puts comfy/ first on sys.path)
-    import nodes
+if HOST is not None:
+    PACK = comfy_host.boot(HOST)
     logging.getLogger().setLevel(logging.WARNING)
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    loaded = asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes"))
-    if not loaded:
-        raise RuntimeError("ComfyUI's custom-node loader failed to load the pack; see the log above.")
-    PACK = sys.modules[str(REPO).replace(".", "_x_")]
-    # Make `import perfusion_ops...` in tests return the modules ComfyUI loaded.
+    # Make `import perfusion_ops...` in tests return the modules ComfyUI loaded (same classes as the nodes use).
     prefix = PACK.__name__ + ".perfusion_ops"
     for name, module in list(sys.modules.items()):
         if name == prefix or name.startswith(prefix + "."):
             sys.modules["perfusion_ops" + name[len(prefix):]] = module
-
-
-if HOST is not None:
-    _boot_host()
 else:
     sys.path.append(str(REPO))
 
 
 def pytest_report_header(config):
-    return f"ComfyUI host: {HOST}" if HOST else NO_HOST_LINE
+    return f"ComfyUI host ({HOST_NAME}): v{HOST_VERSION} at {HOST}" if HOST else NO_HOST_LINE
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,8 +48,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
+    """One line per run saying which host ran and how many of the tests that need it passed (.ci/run prints it)."""
     if HOST is None:
         terminalreporter.write_line(NO_HOST_LINE, red=True, bold=True)
+        return
+    counts = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        reports = [r for r in terminalreporter.stats.get(outcome, []) if getattr(r, "when", "call") in ("call", "setup")]
+        counts[outcome] = sum(1 for r in reports if "host" in getattr(r, "keywords", {}))
+    terminalreporter.write_line(f"[host {HOST_NAME} v{HOST_VERSION}] tests that need the host: {counts['passed']} passed, "
+                                f"{counts['failed']} failed, {counts['error']} errors, {counts['skipped']} skipped")
 
 
 @pytest.fixture(scope="session")

@@ -383,19 +383,22 @@ def test_load_node_refuses_a_bad_file_clearly_and_leaves_the_folder_alone(perfus
 
 
 def test_load_node_offers_only_safetensors_files_and_refuses_others_by_name(perfusion_dir, concept):
-    """ComfyUI 0.3.64 does not check a V3 combo value against its options when it validates a prompt,
-    so a hand-written prompt can name any file: the node refuses names outside its list, never unpickling."""
+    """ComfyUI v0.3.64 does not check a V3 combo value against its options when it validates a prompt (v0.33.0
+    does), so a hand-written prompt can name any file: the node itself refuses names outside its list, never
+    unpickling. On either host the prompt fails naming the file."""
     import folder_paths
+    import nodes
+    node = nodes.NODE_CLASS_MAPPINGS["PerfusionLoadConcept"]
     _write(concept, perfusion_dir)
     (perfusion_dir / "old.pt").write_bytes(_torch_save({"u": torch.ones(768)}))
     assert folder_paths.get_filename_list("perfusion") == ["concept.safetensors"]
     before = _snapshot(perfusion_dir.parent)
-    message = run_prompt_expecting_error({"load": _load("old.pt"),
-                                          "out": _capture(["load", 0], "concept", kind="Concept")})
-    assert "old.pt" in message and "is not a concept file" in message, message
-    message = run_prompt_expecting_error({"load": _load("missing.safetensors"),
-                                          "out": _capture(["load", 0], "concept", kind="Concept")})
-    assert "missing.safetensors" in message and "is not a concept file" in message, message
+    for name in ("old.pt", "missing.safetensors"):
+        message = run_prompt_expecting_error({"load": _load(name),
+                                              "out": _capture(["load", 0], "concept", kind="Concept")})
+        assert name in message and ("is not a concept file" in message or "not in ['concept.safetensors']" in message), message
+        with pytest.raises(ValueError, match=f"'{name}' is not a concept file"):  # the node's own guard, on both hosts
+            node.execute(name)
     assert "concept" not in CAPTURED
     assert _snapshot(perfusion_dir.parent) == before
 

@@ -238,7 +238,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     import comfy.utils
     import folder_paths
     import nodes
-    from comfy_runner import StubServer
+    from comfy_runner import new_executor
     import execution
     import asyncio
     register_test_nodes()
@@ -255,7 +255,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     prompt = train_graph("cancelled", steps=50)
     valid, error, outputs, _ = asyncio.run(execution.validate_prompt("cancel", prompt, None))
     assert valid, error
-    executor = execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC)
+    executor = new_executor()
     executor.execute(prompt, "cancel", extra_data={}, execute_outputs=outputs)
     comfy.model_management.interrupt_current_processing(False)
     assert not executor.success

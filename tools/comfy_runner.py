@@ -10,6 +10,19 @@ import itertools
 _ids = itertools.count()
 
 
+def new_executor(server=None):
+    """A PromptExecutor with the classic cache on either host: v0.33.0 reads cache_args["ram"] and
+    ["ram_inactive"] even with the classic cache; v0.3.64 has no cache_args parameter."""
+    import inspect
+
+    import execution
+    server = server or StubServer()
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                         cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+
+
 class StubServer:
     """The little of PromptServer that PromptExecutor uses when no client is connected."""
 
@@ -42,7 +55,7 @@ def run_prompt(prompt: dict, executor=None, prompt_id: str | None = None):
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
         raise PromptFailed(_validation_message(error, node_errors))
-    executor = executor or execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC)
+    executor = executor or new_executor()
     executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
     if not executor.success:
         event, data = executor.status_messages[-1]
@@ -58,7 +71,7 @@ def run_prompt_expecting_error(prompt: dict) -> str:
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
         return f"{error} {node_errors}"
-    executor = execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC)
+    executor = new_executor()
     executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
     if executor.success:
         raise AssertionError("the prompt was expected to fail but succeeded")

@@ -1,50 +1,31 @@
 """Boot ComfyUI in-process on the CPU and load the pack through ComfyUI's own custom-node loader (as tests do)."""
 from __future__ import annotations
 
-import asyncio
-import importlib.util
-import logging
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import comfy_host  # noqa: E402
 _booted = {}
 
 
 def host_path() -> Path:
-    spec = importlib.util.spec_from_file_location("comfy_host", REPO / "tools" / "comfy_host.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    host = module.find_comfyui(REPO)
+    host = comfy_host.find_comfyui(REPO)
     if host is None:
-        raise SystemExit("No ComfyUI host found: set COMFYUI_PATH or run `bash tools/test.sh` once (see README).")
+        raise SystemExit("No ComfyUI host found: run `bash tools/test.sh` once (see README), or set COMFYUI_PATH.")
     return host
 
 
 def import_comfy() -> Path:
-    """ComfyUI importable, forced to the CPU (before comfy.model_management is imported)."""
-    if "host" not in _booted:
-        host = host_path()
-        sys.path.insert(0, str(host))
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = True
-        # ComfyUI's CPU default is a float16 text encoder, about 3.5x slower here than float32; concept
-        # training backpropagates through all of CLIP-L (the runner and the server tests do the same)
-        comfy.cli_args.args.fp32_text_enc = True
-        _booted["host"] = host
-    return _booted["host"]
+    """ComfyUI importable on the CPU, its text encoder in float32 (see boot_with_pack), without its nodes."""
+    return comfy_host.prepare(host_path(), cpu=True, fp32_text_encoder=True)
 
 
 def boot_with_pack():
-    """ComfyUI's nodes plus this pack, loaded by ComfyUI. Returns the pack module."""
-    if "pack" in _booted:
-        return _booted["pack"]
-    import_comfy()
-    import nodes
-    level = logging.getLogger().level
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if not asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
-        raise RuntimeError("ComfyUI failed to load the pack; see the log above.")
-    logging.getLogger().setLevel(level)
-    _booted["pack"] = sys.modules[str(REPO).replace(".", "_x_")]
+    """ComfyUI on the CPU with its nodes plus this pack, loaded by ComfyUI. Returns the pack module.
+    ComfyUI's CPU default is a float16 text encoder, about 3.5x slower here than float32; concept training
+    backpropagates through all of CLIP-L, so the text encoder runs in float32."""
+    if "pack" not in _booted:
+        _booted["pack"] = comfy_host.boot(host_path(), cpu=True, fp32_text_encoder=True)
     return _booted["pack"]

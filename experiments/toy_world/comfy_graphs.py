@@ -70,8 +70,8 @@ class Runner:
     """One PromptExecutor kept across prompts, so ComfyUI caches the loaded checkpoint between them."""
 
     def __init__(self):
-        import execution
-        self.executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+        from comfy_runner import new_executor
+        self.executor = new_executor(_StubServer())
 
     def run(self, prompt: dict) -> None:
         import execution

@@ -1,0 +1,96 @@
+"""Every ComfyUI internal the pack relies on, in one place.
+
+The pack otherwise uses ComfyUI's public surface (ModelPatcher clones, wrappers and object patches, the V3
+node API, folder_paths). What is below reaches further in: each item names what it relies on and the host
+versions it was checked on, and `tests/test_host_internals.py` fails naming the item when a host changes it.
+Checked on ComfyUI v0.3.64 (the minimum) and v0.33.0 (current).
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+import torch
+
+CHECKED_ON = ("0.3.64", "0.33.0")
+
+# comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: the wrapper around one call of the diffusion model.
+DIFFUSION_MODEL_WRAPPER = "diffusion_model"
+
+
+def lookup_with_vectors(original, vectors: dict[str, torch.Tensor]):
+    """An SDTokenizer._try_get_embedding that resolves the names in `vectors` and defers to `original` for others.
+
+    The host's lookup returns (embedding, leftover) on v0.3.64 and (embedding, cleaned name, leftover) on v0.33.0.
+    For one of our names the host's own lookup still runs and only the embedding it found (normally none) is
+    replaced, so the tuple keeps the host's shape and its parsing of the rest (trailing commas, `<`/`[`
+    suffixes) on every version.
+    """
+
+    def try_get_embedding(embedding_name: str):
+        result = original(embedding_name)
+        words = embedding_name.split()
+        name = words[0].split("<")[0].split("[")[0].strip(",") if words else ""
+        if name in vectors:
+            return (vectors[name], *result[1:])
+        return result
+    return try_get_embedding
+
+
+def install_embedding_lookup(tokenizer, vectors: dict[str, torch.Tensor]):
+    """A shallow copy of one SDTokenizer (clip_l, clip_g, ...) whose `embedding:<name>` knows `vectors`."""
+    copied = copy.copy(tokenizer)
+    if copied.embedding_directory is None:
+        copied.embedding_directory = []  # the tokenizer parses "embedding:" only when a directory is set
+    # Taken from the copy: the class's lookup then reads the copy's directory list, and a lookup installed by an
+    # earlier call (an instance attribute, copied along) is chained.
+    copied._try_get_embedding = lookup_with_vectors(copied._try_get_embedding, vectors)
+    return copied
+
+
+def unload(*patchers) -> None:
+    """Unload these ModelPatchers now (comfy.model_management.current_loaded_models, LoadedModel.model_unload),
+    so that the models ComfyUI loads next are not kept out of memory by training clones."""
+    import comfy.model_management as mm
+    for i in reversed(range(len(mm.current_loaded_models))):
+        if mm.current_loaded_models[i].model in patchers:
+            mm.current_loaded_models.pop(i).model_unload()
+
+
+def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
+    # comfy.clip_model.CLIPLayer.forward with `x = x + ...` instead of `x += ...`: autograd cannot go back
+    # through the in-place additions.
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def make_clip_differentiable(clip_patcher) -> None:
+    """Object patches on a CLIP's ModelPatcher clone that replace every comfy.clip_model.CLIPLayer.forward by
+    an out-of-place copy of it (same math; the class is matched by name, its body is the one in v0.3.64 and
+    v0.33.0)."""
+    for name, module in clip_patcher.model.named_modules():
+        if type(module).__name__ == "CLIPLayer":
+            clip_patcher.add_object_patch(f"{name}.forward", types.MethodType(_out_of_place_clip_layer, module))
+
+
+def copy_inference_weights_at_use(patcher) -> None:
+    """Weight wrappers (ModelPatcher.add_weight_wrapper, read by comfy.ops through `weight_function`) that turn
+    every weight loaded as an inference tensor into an ordinary tensor at use, so autograd may save it.
+    Embedding tables are skipped: their backward never reads the table."""
+    identity = lambda weight: weight  # noqa: E731  (the cast comfy.ops does before calling it makes the copy)
+    for name, module in patcher.model.named_modules():
+        if not hasattr(module, "weight_function") or isinstance(module, torch.nn.Embedding):
+            continue
+        for param in ("weight", "bias"):
+            tensor = getattr(module, param, None)
+            if tensor is not None and tensor.is_inference():
+                patcher.add_weight_wrapper(f"{name}.{param}", identity)
+
+
+def show_text_on_node(text: str, node_id) -> None:
+    """Text on a node in the editor (server.PromptServer.instance.send_progress_text); a no-op without a server."""
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, node_id)
+    except (ImportError, AttributeError):
+        pass
