@@ -5,11 +5,12 @@ from .apply import PerfusionApplyConcept
 from .combine import PerfusionCombineConcepts
 from .common import register_concept_folder
 from .concept_io import PerfusionLoadConcept, PerfusionSaveConcept
+from .photos import PerfusionLoadPhotos
 from .train import PerfusionTrainConcept
 
 register_concept_folder()
 
-NODES = [PerfusionTrainConcept, PerfusionLoadConcept, PerfusionSaveConcept, PerfusionApplyConcept, PerfusionCombineConcepts]
+NODES = [PerfusionLoadPhotos, PerfusionTrainConcept, PerfusionLoadConcept, PerfusionSaveConcept, PerfusionApplyConcept, PerfusionCombineConcepts]
 
 
 class PerfusionExtension(ComfyExtension):

@@ -83,7 +83,7 @@ def _playwright():
 
 def _shipped_values() -> dict[str, set[str]]:
     """Checkpoint names, concept files and photo folders the shipped workflows refer to."""
-    wanted = {"CheckpointLoaderSimple": set(), "PerfusionLoadConcept": set(), "LoadImageSetFromFolderNode": set()}
+    wanted = {"CheckpointLoaderSimple": set(), "PerfusionLoadConcept": set(), "PerfusionLoadPhotos": set()}
     for path in WORKFLOWS:
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] in wanted:
@@ -117,7 +117,7 @@ def server(tmp_path_factory, host, sync_playwright):  # Playwright first: skip b
     for name in wanted["CheckpointLoaderSimple"]:  # the tiny model under the name the workflows use
         os.link(checkpoint, srv.models / "checkpoints" / name)
     _write_concepts(srv.models / "perfusion", checkpoint, wanted["PerfusionLoadConcept"])
-    for folder in wanted["LoadImageSetFromFolderNode"]:
+    for folder in wanted["PerfusionLoadPhotos"]:
         write_placeholder_photos(srv.input_dir / folder)
     (srv.base / "user" / "default").mkdir(parents=True, exist_ok=True)
     (srv.base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))

@@ -98,8 +98,8 @@ def shipped(name: str, object_info: dict, *, seed: int, concept_name: str | None
     prompt = ui_to_api(workflow, object_info)
     for node in nodes_of_type(prompt, "CheckpointLoaderSimple"):
         node["inputs"]["ckpt_name"] = CHECKPOINT_NAME
-    for node in nodes_of_type(prompt, "LoadImageSetFromFolderNode"):
-        node["inputs"]["folder"] = PHOTOS
+    for node in nodes_of_type(prompt, "PerfusionLoadPhotos"):
+        node["inputs"].update(folder=PHOTOS, size=SIZE)
     for node in nodes_of_type(prompt, "PerfusionTrainConcept"):
         node["inputs"].update(name=concept_name, seed=seed, steps=train_steps, batch_size=1, resolution=SIZE,
                               covariance=COVARIANCE)

@@ -6,26 +6,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import REPO
 from tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
 
 pytestmark = pytest.mark.host
 
-PHOTOS = Path(REPO).parent / "shared" / "data" / "concepts"
+PHOTOS = Path(REPO) / "tests" / "data"  # drawn test photos with masks (tests/data/README.md)
 
 
 def load_photos(concept="teddy", size=64):
-    """The concept's photos and soft masks, downscaled: IMAGE [N, H, W, 3] and MASK [N, H, W] in 0..1."""
-    folder = PHOTOS / concept
-    if not folder.is_dir():
-        pytest.fail(f"training photos not found at {folder} (the shared data folder beside the repository)")
-    files = sorted(folder.glob("*.jpg"))
-    images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) / 255.0 for f in files]
-    masks = [np.asarray(Image.open(folder / "mask" / f.name).convert("L").resize((size, size), Image.BILINEAR)) / 255.0
-             for f in files]
-    return torch.tensor(np.stack(images), dtype=torch.float32), torch.tensor(np.stack(masks), dtype=torch.float32)
+    """The concept's photos and soft masks, centre-cropped to squares by the pack's photo loader:
+    IMAGE [N, size, size, 3] and MASK [N, size, size] in 0..1."""
+    from perfusion_ops.photos import load_photo_folder
+    images, masks, with_masks = load_photo_folder(PHOTOS / concept, size, "crop")
+    assert with_masks
+    return images, masks
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -162,7 +158,7 @@ def test_superclass_of_several_tokens_is_refused_clearly():
 
 
 class PhotoBatch:
-    """Test-only node: the shared concept photos and masks as IMAGE and MASK batches."""
+    """Test-only node: the test photos and masks (tests/data) as IMAGE and MASK batches."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -238,7 +234,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     import comfy.utils
     import folder_paths
     import nodes
-    from comfy_runner import new_executor
+    from comfy_runner import cached_outputs, new_executor
     import execution
     import asyncio
     register_test_nodes()
@@ -262,7 +258,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     assert executor.status_messages[-1][0] == "execution_interrupted"
     assert list(perfusion_dir.rglob("*")) == [], "a cancelled training left files behind"
     # The loaded model (from the executor's cache) samples exactly as a fresh load does.
-    cached_model = executor.caches.outputs.get("1")[0][0]
+    cached_model = cached_outputs(executor, "1")[0][0]
     fresh = tiny_model("sd1", std=0.2)
     for (k, v), (k2, v2) in zip(sorted(cached_model.model.state_dict().items()), sorted(fresh.model.state_dict().items())):
         assert k == k2 and torch.equal(v, v2), f"{k} changed by the cancelled run"

@@ -38,6 +38,15 @@ class StubServer:
         self.events.append((event, data))
 
 
+def cached_outputs(executor, node_id: str) -> list:
+    """The outputs of `node_id` in the executor's cache: v0.33.0's cache is async and holds a CacheEntry
+    (ui, outputs); v0.3.64's returns the outputs list directly."""
+    entry = executor.caches.outputs.get(node_id)
+    if asyncio.iscoroutine(entry):
+        entry = asyncio.run(entry)
+    return entry.outputs if hasattr(entry, "outputs") else entry
+
+
 class PromptFailed(AssertionError):
     """A prompt that did not validate or failed in a node, with ComfyUI's own message."""
 

@@ -8,7 +8,6 @@ the editor as if a user had built and saved them. Run after changing a node's in
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -148,22 +147,17 @@ def train_concept(info: dict) -> dict:
     graph.note(
         "TRAIN A CONCEPT\n\n"
         "1. Put 3-10 photos of your concept (different views and backgrounds, the concept filling much of "
-        f"the frame) in ComfyUI/input/{CONCEPT}/ and choose that folder in 'Photos'.\n"
-        "2. Choose an SD1.x, SD2.x or SDXL checkpoint (for SDXL set resolution to 1024).\n"
+        f"the frame) in ComfyUI/input/{CONCEPT}/ and choose that folder in 'Perfusion Load Photos'.\n"
+        "2. Choose an SD1.x, SD2.x or SDXL checkpoint (for SDXL set size and resolution to 1024).\n"
         "3. In 'Perfusion Train Concept' set name (the word you will write as embedding:<name>) and "
         "superclass (one common word: teddy, cat, pot, sculpture).\n"
         "4. Queue. The concept is saved to ComfyUI/models/perfusion/<name>_00001.safetensors (tens of KB), "
         "a test image is drawn with it, and the loss curve is saved.\n\n"
-        "Optional masks: put one black-and-white mask per photo, same file names, in "
-        f"input/{CONCEPT}/mask/, select the two muted mask nodes and press Ctrl+M to enable them.",
+        "Optional masks (white = the concept): one per photo, same file names, in "
+        f"input/{CONCEPT}/mask/. They are used when the folder is there.",
         (20, 20), size=(440, 330))
     checkpoint = graph.add("CheckpointLoaderSimple", (20, 390), {"ckpt_name": CHECKPOINT}, size=(440, 100))
-    photos = graph.add("LoadImageSetFromFolderNode", (20, 540), {"folder": CONCEPT, "resize_method": "Stretch"},
-                       title="Photos", size=(440, 82))
-    masks = graph.add("LoadImageSetFromFolderNode", (20, 660), {"folder": f"{CONCEPT}/mask",
-                                                               "resize_method": "Stretch"},
-                      title="Masks (optional: Ctrl+M to enable)", size=(440, 82), muted=True)
-    to_mask = graph.add("ImageToMask", (20, 780), {"channel": "red"}, size=(440, 60), muted=True)
+    photos = graph.add("PerfusionLoadPhotos", (20, 540), {"folder": CONCEPT}, size=(440, 110))
     train = graph.add("PerfusionTrainConcept", (500, 20), {"name": CONCEPT, "superclass": "teddy"},
                       size=(400, 480))
     save = graph.add("PerfusionSaveConcept", (940, 20), {"filename_prefix": "{name}"}, size=(320, 60))
@@ -172,9 +166,8 @@ def train_concept(info: dict) -> dict:
     graph.connect(checkpoint, "MODEL", train, "model")
     graph.connect(checkpoint, "CLIP", train, "clip")
     graph.connect(checkpoint, "VAE", train, "vae")
-    graph.connect(photos, "IMAGE", train, "images")
-    graph.connect(masks, "IMAGE", to_mask, "image")
-    graph.connect(to_mask, "MASK", train, "masks")
+    graph.connect(photos, "images", train, "images")
+    graph.connect(photos, "masks", train, "masks")
     graph.connect(train, "concept", save, "concept")
     graph.connect(train, "loss", loss, "loss")
     apply = _apply(graph, checkpoint, (train, "concept"), (940, 240))
@@ -233,7 +226,7 @@ def two_concepts(info: dict) -> dict:
 
 BUILDERS = {"perfusion_train_concept.json": train_concept, "perfusion_generate.json": generate,
             "perfusion_two_concepts.json": two_concepts}
-CLASS_TYPES = ["CheckpointLoaderSimple", "LoadImageSetFromFolderNode", "ImageToMask", "PerfusionTrainConcept",
+CLASS_TYPES = ["CheckpointLoaderSimple", "PerfusionLoadPhotos", "PerfusionTrainConcept",
                "PerfusionSaveConcept", "LossGraphNode", "PerfusionApplyConcept", "PerfusionLoadConcept",
                "PerfusionCombineConcepts", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
                "SaveImage"]
@@ -253,14 +246,8 @@ def main() -> None:
     import comfy_host
     host = comfy_host.find_comfyui(REPO)
     if host is None:
-        raise SystemExit("No ComfyUI found: set COMFYUI_PATH (see tools/test.sh).")
-    sys.path.insert(0, str(host))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if not asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
-        raise SystemExit("ComfyUI could not load the pack")
+        raise SystemExit("No ComfyUI found: run `bash tools/test.sh` once, or set COMFYUI_PATH.")
+    comfy_host.boot(host)
     info = node_definitions()
     WORKFLOWS.mkdir(exist_ok=True)
     for filename, build in BUILDERS.items():

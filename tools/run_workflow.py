@@ -14,7 +14,6 @@ through the same chain with few steps and small images, to show that everything 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import shutil
@@ -77,19 +76,10 @@ class Run:
         host = (self.args.comfyui or comfy_host.find_comfyui(REPO))
         if host is None or not comfy_host.is_comfyui(Path(host)):
             raise SystemExit(f"No ComfyUI found{f' at {host}' if host else ''}: pass --comfyui /path/to/ComfyUI.")
-        sys.path.insert(0, str(Path(host).resolve()))
         import torch
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = self.args.cpu or not torch.cuda.is_available()
-        if comfy.cli_args.args.cpu:
-            comfy.cli_args.args.fp32_text_enc = True  # float16 matrix products are very slow on CPUs
+        cpu = self.args.cpu or not torch.cuda.is_available()
+        comfy_host.boot(Path(host), cpu=cpu, fp32_text_encoder=cpu)  # float16 matmuls are very slow on CPUs
         import comfy.utils
-        import utils.install_util  # noqa: F401  (as main.py does: before nodes.py puts comfy/ first on sys.path)
-        import nodes
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-        if "PerfusionApplyConcept" not in nodes.NODE_CLASS_MAPPINGS:
-            if not asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
-                raise SystemExit("ComfyUI could not load the Perfusion pack; see the log above.")
         comfy.utils.set_progress_bar_global_hook(_log_progress)
         self._point_folders()
 
@@ -139,9 +129,6 @@ class Run:
     # -- running ----------------------------------------------------------------------------------------
     def run(self, workflow_file: Path) -> None:
         workflow = json.loads(workflow_file.read_text())
-        if self.args.masks is not None:
-            for node in workflow["nodes"]:
-                node["mode"] = 0  # the mask nodes ship muted
         info = object_info_in_process({node["type"] for node in workflow["nodes"]})
         prompt = ui_to_api(workflow, info)
         self._override(prompt)
@@ -161,9 +148,10 @@ class Run:
         args, smoke = self.args, self.smoke
         for node in nodes_of_type(prompt, "CheckpointLoaderSimple"):
             node["inputs"]["ckpt_name"] = self.checkpoint_name
-        for node in nodes_of_type(prompt, "LoadImageSetFromFolderNode"):
-            is_mask = node["_meta"]["title"].lower().startswith("mask")
-            node["inputs"]["folder"] = f"{args.name}/mask" if is_mask else args.name
+        for node in nodes_of_type(prompt, "PerfusionLoadPhotos"):  # masks come from <folder>/mask when present
+            node["inputs"]["folder"] = args.name
+            if smoke:
+                node["inputs"]["size"] = SMOKE["resolution"]
         for node in nodes_of_type(prompt, "PerfusionTrainConcept"):
             inputs = node["inputs"]
             inputs["name"], inputs["seed"] = args.name, args.seed

@@ -55,7 +55,11 @@ def tiny_sd15_state_dict(seed: int = 0, unet_std: float = 0.02) -> dict[str, tor
         vae.vae_shift.zero_()
     vae_sd = vae.state_dict()
 
-    state_dict = model.state_dict_for_saving(clip_sd, vae_sd)
+    # The checkpoint layout comes from the model config's own converters (BaseModel.state_dict_for_saving, which
+    # calls them, takes the UNet's state dict as an argument on v0.33.0 and not on v0.3.64).
+    state_dict = model_config.process_unet_state_dict_for_saving(model.diffusion_model.state_dict())
+    state_dict.update(model_config.process_clip_state_dict_for_saving(clip_sd))
+    state_dict.update(model_config.process_vae_state_dict_for_saving(vae_sd))
     return {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
             for k, v in state_dict.items()}
 
