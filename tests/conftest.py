@@ -7,6 +7,7 @@ that needs the host is skipped, with one loud line saying so.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ NO_HOST_LINE = (f"!!! NO COMFYUI HOST FOUND ({HOST_NAME}): every test that needs
                 "Run `bash tools/test.sh [--host minimum|current]`. !!!")
 
 
+if HOST is None and os.environ.get("PERFUSION_REQUIRE_HOST") == "1":
+    raise pytest.UsageError(f"PERFUSION_REQUIRE_HOST=1 but no ComfyUI host was found for {HOST_NAME} "
+                            f"(see `python tools/comfy_host.py --host {HOST_NAME}`)")
 if HOST is not None:
     PACK = comfy_host.boot(HOST)
     logging.getLogger().setLevel(logging.WARNING)
