@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..perfusion_ops.concept import ARCHITECTURES, TRAIN_BETA, TRAIN_TAU, ConceptSet, is_valid_name
+from ..perfusion_ops.concept import ARCHITECTURES, ConceptSet, is_valid_name
 from ..perfusion_ops.covariance import cached_covariance, load_covariance_file
 from ..perfusion_ops.host import show_text_on_node
 from ..perfusion_ops.patch import model_architecture
@@ -17,6 +17,7 @@ from ..perfusion_ops.train import TrainSettings, train_concept
 from .common import CATEGORY, COVARIANCE_FOLDER, PerfusionConcept
 
 ESTIMATE = "estimate from this CLIP"
+DEFAULT = TrainSettings()  # every default of the node is the recipe's own
 log = logging.getLogger(__name__)
 
 
@@ -48,25 +49,25 @@ class PerfusionTrainConcept(io.ComfyNode):
                 io.String.Input("superclass", default="teddy",
                                 tooltip="One common word for what the concept is (teddy, cat, pot, sculpture). "
                                         "Its key is where the concept goes in the image."),
-                io.Int.Input("steps", default=400, min=1, max=100000, tooltip="Optimisation steps (reference: 400)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("steps", default=DEFAULT.steps, min=1, max=100000, tooltip="Optimisation steps (reference: 400)."),
+                io.Int.Input("seed", default=DEFAULT.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Same seed, same inputs: same concept."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Optional soft masks of the concept, one per photo; the loss is weighted by them."),
-                io.Int.Input("batch_size", default=4, min=1, max=64, optional=True,
-                             tooltip="Photos per step (reference: 4)."),
+                io.Int.Input("batch_size", default=DEFAULT.batch_size, min=1, max=64, optional=True,
+                             tooltip="Photos per micro-batch (reference: 4)."),
                 io.Int.Input("resolution", default=512, min=0, max=2048, step=64, optional=True,
                              tooltip="Photos are resized to this square size before encoding (512 for SD1.x/SD2.x, "
                                      "1024 for SDXL); 0 keeps their size."),
-                io.Float.Input("value_lr", default=0.03, min=0.0, max=1.0, step=0.001, optional=True,
+                io.Float.Input("value_lr", default=DEFAULT.value_lr, min=0.0, max=1.0, step=0.001, optional=True,
                                tooltip="Learning rate of the value targets (reference: 0.03)."),
-                io.Float.Input("embedding_lr", default=0.006, min=0.0, max=1.0, step=0.0001, optional=True,
+                io.Float.Input("embedding_lr", default=DEFAULT.embedding_lr, min=0.0, max=1.0, step=0.0001, optional=True,
                                tooltip="Learning rate of the word vector (reference: 0.006)."),
-                io.Float.Input("train_beta", default=TRAIN_BETA, min=-1.0, max=2.0, step=0.01, optional=True,
+                io.Float.Input("train_beta", default=DEFAULT.beta, min=-1.0, max=2.0, step=0.01, optional=True,
                                tooltip="Gate bias while training (reference: 0.75)."),
-                io.Float.Input("train_tau", default=TRAIN_TAU, min=0.01, max=1.0, step=0.01, optional=True,
+                io.Float.Input("train_tau", default=DEFAULT.tau, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="Gate temperature while training (reference: 0.10)."),
-                io.Boolean.Input("flip", default=True, optional=True,
+                io.Boolean.Input("flip", default=DEFAULT.flip, optional=True,
                                  tooltip="Randomly mirror photos (turn off for asymmetric concepts, e.g. with text)."),
                 io.Combo.Input("covariance", options=[ESTIMATE] + folder_paths.get_filename_list(COVARIANCE_FOLDER),
                                default=ESTIMATE, optional=True,
@@ -75,12 +76,19 @@ class PerfusionTrainConcept(io.ComfyNode):
                                        "models/perfusion_covariance."),
                 io.Int.Input("preview_every", default=0, min=0, max=10000, optional=True,
                              tooltip="Show a preview of the model's denoised guess every N steps (0: no previews)."),
-                io.Boolean.Input("train_values", default=True, optional=True,
+                io.Boolean.Input("train_values", default=DEFAULT.train_values, optional=True,
                                  tooltip="Learn the value targets (Perfusion). Off: learn only the word vector, i.e. "
                                          "textual inversion, a baseline; apply it with strength 0."),
-                io.Boolean.Input("train_keys", default=False, optional=True,
+                io.Boolean.Input("train_keys", default=DEFAULT.train_keys, optional=True,
                                  tooltip="Also learn the key targets instead of locking them to the superclass (an "
                                          "ablation of key-locking; the paper's default is off)."),
+                io.Int.Input("gradient_accumulation", default=DEFAULT.gradient_accumulation, min=1, max=64,
+                             optional=True,
+                             tooltip="Micro-batches per optimisation step: the step sees batch_size x this many "
+                                     "photos (reference: 4 x 4 = 16). Memory stays that of one micro-batch."),
+                io.Boolean.Input("gradient_checkpointing", default=DEFAULT.gradient_checkpointing, optional=True,
+                                 tooltip="Recompute the UNet's layers during the backward pass instead of keeping "
+                                         "their activations: much less memory, about a third more time per step."),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[PerfusionConcept.Output(display_name="concept", tooltip="The trained concept."),
@@ -88,9 +96,12 @@ class PerfusionTrainConcept(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, name, superclass, steps, seed, masks=None, batch_size=4,
-                resolution=512, value_lr=0.03, embedding_lr=0.006, train_beta=TRAIN_BETA, train_tau=TRAIN_TAU,
-                flip=True, covariance=ESTIMATE, preview_every=0, train_values=True, train_keys=False) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, images, name, superclass, steps, seed, masks=None,
+                batch_size=DEFAULT.batch_size, resolution=512, value_lr=DEFAULT.value_lr,
+                embedding_lr=DEFAULT.embedding_lr, train_beta=DEFAULT.beta, train_tau=DEFAULT.tau, flip=DEFAULT.flip,
+                covariance=ESTIMATE, preview_every=0, train_values=DEFAULT.train_values,
+                train_keys=DEFAULT.train_keys, gradient_accumulation=DEFAULT.gradient_accumulation,
+                gradient_checkpointing=DEFAULT.gradient_checkpointing) -> io.NodeOutput:
         name = name.strip()
         if not is_valid_name(name):
             raise ValueError(f"name must be one word of letters, digits, '_', '-' or '.' (it is written "
@@ -136,9 +147,13 @@ class PerfusionTrainConcept(io.ComfyNode):
 
         settings = TrainSettings(steps=steps, seed=seed, batch_size=batch_size, value_lr=value_lr,
                                  embedding_lr=embedding_lr, beta=train_beta, tau=train_tau, flip=flip,
-                                 train_values=train_values, train_keys=train_keys)
-        concept, losses = train_concept(model, clip, latents, name, superclass, C, covariance_id, settings,
-                                        masks=masks, flipped_latents=flipped_latents, flipped_masks=flipped_masks,
-                                        on_step=on_step)
-        return io.NodeOutput(ConceptSet((concept,)), {"loss": losses},
-                             ui={"text": [f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps"]})
+                                 train_values=train_values, train_keys=train_keys,
+                                 gradient_accumulation=gradient_accumulation,
+                                 gradient_checkpointing=gradient_checkpointing)
+        precision = []
+        concept, losses = train_concept(
+            model, clip, latents, name, superclass, C, covariance_id, settings, masks=masks,
+            flipped_latents=flipped_latents, flipped_masks=flipped_masks, on_step=on_step,
+            on_status=lambda text: (precision.append(text), show_text_on_node(f"training: {text}", cls.hidden.unique_id)))
+        summary = f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps; {precision[0]}"
+        return io.NodeOutput(ConceptSet((concept,)), {"loss": losses}, ui={"text": [summary]})

@@ -94,3 +94,31 @@ def show_text_on_node(text: str, node_id) -> None:
         PromptServer.instance.send_progress_text(text, node_id)
     except (ImportError, AttributeError):
         pass
+
+
+def unet_compute_dtype(base_model) -> torch.dtype:
+    """The dtype the diffusion model computes in: BaseModel.manual_cast_dtype when set, else the weights' dtype
+    (what BaseModel.apply_model casts its inputs to; v0.33.0 names it get_dtype_inference)."""
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
+def checkpoint_unet_blocks(patcher) -> int:
+    """Gradient checkpointing on a UNet's ModelPatcher clone: object patches that run every layer of every
+    input, middle and output block (ResBlock, SpatialTransformer, ...) under torch.utils.checkpoint, so a
+    backward pass keeps only the layers' inputs and recomputes the rest. The UNet calls those layers through
+    comfy.ldm.modules.diffusionmodules.openaimodel.forward_timestep_embed, which calls each layer (so an
+    instance `forward` is used); patching the block's own forward would do nothing. Returns how many layers."""
+    import torch.utils.checkpoint
+    count = 0
+    for name, module in patcher.model.diffusion_model.named_modules():
+        parts = name.split(".")
+        in_block = (len(parts) == 3 and parts[0] in ("input_blocks", "output_blocks")) or \
+                   (len(parts) == 2 and parts[0] == "middle_block")
+        if not in_block or not any(True for _ in module.parameters()):
+            continue
+
+        def checkpointed(*args, _forward=module.forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        patcher.add_object_patch(f"diffusion_model.{name}.forward", checkpointed)
+        count += 1
+    return count

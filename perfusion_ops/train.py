@@ -1,11 +1,12 @@
-"""Training a concept (DESIGN.md §1; the recipe of perfusion-method.md §2).
+"""Training a concept (the recipe of the reference implementation, with the changes named below).
 
 Learned: the concept's word vector for every text encoder and o*_V of every cross-attention layer.
 Keys stay locked to the superclass (o*_K = W_k i_super) unless `train_keys` asks to learn them too (an
-ablation: o*_K per layer, started from W_k i_super, stored as the concept's `keys`); i* and i_super are
-exponential moving averages (0.99 per step) of the concept's and the superclass's encodings, started from
-the superclass.
-UNet and text-encoder weights never get gradients: `torch.autograd.grad` asks only for ours.
+ablation: o*_K per layer, started from W_k i_super, stored as the concept's `keys`). During training i* and
+i_super are exponential moving averages (0.99 per micro-batch) of the concept's and the superclass's encodings,
+started from the superclass; the file's i* is the finished word's own encoding (see train_concept).
+UNet and text-encoder weights never get gradients: `torch.autograd.grad` asks only for ours. The learned tensors,
+optimizer and loss are float32 whatever dtype the model runs in (perfusion_ops/precision.py).
 """
 from __future__ import annotations
 
@@ -18,17 +19,21 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import host
-from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, Concept
+from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, TRAIN_BETA, TRAIN_TAU, Concept
 from .covariance import inverse, metric_vector
+from .precision import describe, loss_scale_for
 from .patch import AppliedConcept, LayerEdit, PerfusionError, cross_attention_layers, model_architecture
 from .text import clip_architecture, clip_with_word_vectors
 
 log = logging.getLogger(__name__)
 GATE_INPUT_TOLERANCE = 0.5  # |r − 1| on the concept's own word beyond which training warns (see _check_gate_input)
 
-# The prompt templates of the reference recipe (perfusion-method.md §2.2).
+# The prompt templates of the reference recipe (docs/method.md, Training).
 TEMPLATES = ["a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}",
              "image of a {}", "image of the {}", "A photograph of {}", "A {} shown in a photo", "A photo of {}"]
+# Prompts the concept is not trained on, where training measures its own word's gate input (_check_gate_input).
+GATE_CHECK_PROMPTS = ["a {} on the beach", "a watercolor painting of a {}", "a {} in the garden at sunset",
+                      "a close-up photo of the {} on a table", "two friends and a {} in a park"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,16 @@ class TrainSettings:
     batch_size: int = 4
     value_lr: float = 0.03
     embedding_lr: float = 0.006
-    beta: float = 0.75          # training gate
-    tau: float = 0.10
-    ema: float = 0.99           # i* and i_super moving average, per step
+    beta: float = TRAIN_BETA    # training gate
+    tau: float = TRAIN_TAU
+    ema: float = 0.99           # i* and i_super moving average, per micro-batch
     flip: bool = True
     weight_decay: float = 0.01  # AdamW's default, as in the reference
     train_values: bool = True   # False: learn only the word vectors (textual inversion, for baselines)
     train_keys: bool = False    # True: also learn o*_K per layer (an ablation of key-locking), at value_lr
+    gradient_accumulation: int = 4     # micro-batches per step: 4 x batch 4 is the reference's effective batch 16
+    gradient_checkpointing: bool = True  # recompute UNet layers in backward instead of keeping their activations
+    loss_scaling: bool = True   # dynamic loss scaling when the model runs in float16 (off only as a test control)
 
 
 def superclass_tokens(clip, superclass: str) -> dict[str, int]:
@@ -63,14 +71,17 @@ def superclass_tokens(clip, superclass: str) -> dict[str, int]:
     return ids
 
 
-def trainable_clones(model, clip):
+def trainable_clones(model, clip, gradient_checkpointing: bool = True):
     """Clones whose forward passes can be differentiated w.r.t. their inputs: weights loaded as inference tensors
-    are copied at use and CLIP layers add out of place (perfusion_ops/host.py). All of it lives on the clones."""
+    are copied at use, CLIP layers add out of place, and (optionally) UNet layers are checkpointed
+    (perfusion_ops/host.py). All of it lives on the clones."""
     train_model = model.clone()
     train_clip = clip.clone()
     for patcher in (train_model, train_clip.patcher):
         host.copy_inference_weights_at_use(patcher)
     host.make_clip_differentiable(train_clip.patcher)
+    if gradient_checkpointing:
+        host.checkpoint_unet_blocks(train_model)
     return train_model, train_clip
 
 
@@ -150,12 +161,107 @@ def _edit_installed(layers, edit: LayerEdit | None):
             handle.remove()
 
 
+class _Training:
+    """One training run on loaded clones: the learned tensors (float32, whatever the model's dtype), the running
+    i* and i_super, the optimizer and the loss scale. `step()` is one optimizer step over
+    `settings.gradient_accumulation` micro-batches."""
+
+    def __init__(self, train_model, train_clip, photos, name, superclass, arch, token_ids, C_inv, covariance_id,
+                 settings: TrainSettings):
+        self.unet = train_model.model
+        self.sampling = train_model.get_model_object("model_sampling")
+        self.device = train_model.load_device
+        self.dtype = host.unet_compute_dtype(self.unet)
+        self.layers = cross_attention_layers(self.unet.diffusion_model)
+        self.train_clip, self.photos = train_clip, photos
+        self.name, self.superclass, self.arch, self.settings = name, superclass, arch, settings
+        self.C_inv, self.covariance_id = C_inv, covariance_id
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.rng = random.Random(settings.seed)
+        self.loss_scale = loss_scale_for(self.dtype, settings.loss_scaling)
+        self.embeddings = {encoder: torch.nn.Parameter(_word_embedding(train_clip, encoder, token).float()[None])
+                           for encoder, token in token_ids.items()}
+        self.concept_clip = clip_with_word_vectors(train_clip, {name: self.embeddings})
+        # i* and i_super start at the superclass's own encoding (the reference starts from it too), and so do the
+        # value targets (o*_V = W_v i_super) and, when learned, the key targets (where locking would keep them).
+        with torch.no_grad():
+            # (the word vector starts as the superclass's, so the concept's prompts give its positions)
+            self.i_super = _encode_prompts(self.concept_clip, train_clip, TEMPLATES, name, superclass)[3]
+            self.i_star = self.i_super.clone()
+            self.values = {path: torch.nn.Parameter(self._project(attn.to_v, self.i_super))
+                           for path, attn in self.layers.items()}
+            self.keys = {path: torch.nn.Parameter(self._project(attn.to_k, self.i_super))
+                         for path, attn in self.layers.items()} if settings.train_keys else {}
+        groups = [{"params": list(self.embeddings.values()), "lr": settings.embedding_lr}]
+        if settings.train_values:
+            groups.append({"params": list(self.values.values()), "lr": settings.value_lr})
+        if settings.train_keys:
+            groups.append({"params": list(self.keys.values()), "lr": settings.value_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+        self.params = [p for group in groups for p in group["params"]]
+
+    def _project(self, linear, vector: torch.Tensor) -> torch.Tensor:
+        """linear(vector) through the live layer, in the dtype the UNet computes in, as a float32 vector."""
+        return linear(vector.to(self.device, self.dtype)[None, None])[0, 0].float()
+
+    def _micro_batch(self):
+        """Loss, float32 gradients (of the loss divided by the accumulation count) and x0 prediction of one
+        micro-batch; i* and i_super move once per micro-batch, as in the reference."""
+        settings = self.settings
+        x0, weight = self.photos.batch(settings.batch_size, settings.flip, self.generator)
+        templates = [self.rng.choice(TEMPLATES) for _ in range(settings.batch_size)]
+        context, pooled, concept_mean, super_mean = _encode_prompts(self.concept_clip, self.train_clip, templates,
+                                                                    self.name, self.superclass)
+        self.i_star = settings.ema * self.i_star + (1 - settings.ema) * concept_mean
+        self.i_super = settings.ema * self.i_super + (1 - settings.ema) * super_mean
+        edit = None
+        if settings.train_values or settings.train_keys:
+            concept = _concept(self.name, self.superclass, self.arch, self.embeddings, self.i_star,
+                               metric_vector(self.C_inv, self.i_star), self.i_super, self.values,
+                               self.covariance_id, settings, [], keys=self.keys)
+            edit = LayerEdit([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, self.device)
+        with _edit_installed(self.layers, edit):
+            loss, x0_prediction = _denoising_loss(self.unet, self.sampling, x0, weight, context.to(self.device),
+                                                  pooled, self.generator)
+            scaled = self.loss_scale.scaled(loss / settings.gradient_accumulation)
+            grads = torch.autograd.grad(scaled, self.params)
+        return loss.detach().item(), self.loss_scale.unscaled(grads), x0_prediction.detach()
+
+    def step(self) -> tuple[float, torch.Tensor]:
+        """One optimizer step; returns the mean micro-batch loss and the last x0 prediction. A step whose
+        gradients overflowed (float16) is skipped and the loss scale lowered."""
+        total, losses = None, []
+        for _ in range(self.settings.gradient_accumulation):
+            loss, grads, x0_prediction = self._micro_batch()
+            losses.append(loss)
+            total = grads if total is None else [t + g for t, g in zip(total, grads)]
+        if self.loss_scale.update(total):
+            for param, grad in zip(self.params, total):
+                param.grad = grad
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return sum(losses) / len(losses), x0_prediction
+
+    def finished_word_encoding(self) -> torch.Tensor:
+        """The finished word's encoding at its position, averaged over the training templates."""
+        with torch.no_grad():
+            return _encode_prompts(self.concept_clip, self.train_clip, TEMPLATES, self.name, self.superclass)[2]
+
+    def gate_inputs(self, i_star: torch.Tensor, u: torch.Tensor) -> list[float]:
+        """r = uᵀx / uᵀi* of the finished word in prompts it was not trained on (GATE_CHECK_PROMPTS)."""
+        with torch.no_grad():
+            return [own_gate_input(_encode_prompts(self.concept_clip, self.train_clip, [prompt], self.name,
+                                                   self.superclass)[2], i_star, u)
+                    for prompt in GATE_CHECK_PROMPTS]
+
+
 def train_concept(model, clip, latents, name: str, superclass: str, covariance: torch.Tensor, covariance_id: str,
                   settings: TrainSettings = TrainSettings(), masks=None, flipped_latents=None, flipped_masks=None,
-                  on_step=None) -> tuple[Concept, list[float]]:
+                  on_step=None, on_status=None) -> tuple[Concept, list[float]]:
     """Learn a concept from `latents` [N, 4, h, w] (VAE output) and optional soft `masks` [N, h, w].
 
-    `on_step(step, loss, x0_prediction)` is called after every step (progress, previews, cancel).
+    `on_step(step, loss, x0_prediction)` is called after every step (progress, previews, cancel);
+    `on_status(text)` once, with the precision training runs in.
     With `settings.train_values` off only the word vectors are learned (textual inversion, a baseline);
     with `settings.train_keys` on the key targets are learned too instead of locked (an ablation).
     """
@@ -163,72 +269,42 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
     arch = model_architecture(model)
     if clip_architecture(clip) != arch:
         raise PerfusionError(f"The CLIP ({clip_architecture(clip).upper()}) does not belong to this model ({arch.upper()}).")
+    if settings.gradient_accumulation < 1 or settings.batch_size < 1:
+        raise PerfusionError("batch_size and gradient_accumulation must be at least 1.")
     token_ids = superclass_tokens(clip, superclass)
-    generator = torch.Generator().manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
     C_inv = inverse(covariance)
-    train_model, train_clip = trainable_clones(model, clip)
+    train_model, train_clip = trainable_clones(model, clip, settings.gradient_checkpointing)
     losses = []
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            mm.load_models_gpu([train_model, train_clip.patcher], force_full_load=True)
-            device = train_model.load_device
-            sampling = train_model.get_model_object("model_sampling")
-            unet = train_model.model
-            layers = cross_attention_layers(unet.diffusion_model)
-            photos = _Photos(unet, latents, masks, flipped_latents, flipped_masks)
-            embeddings = {encoder: torch.nn.Parameter(_word_embedding(train_clip, encoder, token).float()[None])
-                          for encoder, token in token_ids.items()}
-            concept_clip = clip_with_word_vectors(train_clip, {name: embeddings})
-            values = optimizer = i_star = i_super = None
-            keys = {}
+            # No force_full_load: ComfyUI may load the UNet partially (lowvram) and cast weights at use.
+            mm.load_models_gpu([train_model, train_clip.patcher])
+            photos = _Photos(train_model.model, latents, masks, flipped_latents, flipped_masks)
+            run = _Training(train_model, train_clip, photos, name, superclass, arch, token_ids, C_inv,
+                            covariance_id, settings)
+            precision = describe(run.dtype, run.loss_scale)
+            log.info("Perfusion training '%s': %s", name, precision)
+            if on_status is not None:
+                on_status(precision)
             for step in range(settings.steps):
-                x0, weight = photos.batch(settings.batch_size, settings.flip, generator)
-                templates = [rng.choice(TEMPLATES) for _ in range(settings.batch_size)]
-                context, pooled, concept_mean, super_mean = _encode_prompts(concept_clip, train_clip, templates,
-                                                                            name, superclass)
-                if values is None:  # start from the superclass (first batch), as the reference does
-                    i_star, i_super = super_mean.clone(), super_mean.clone()
-                    with torch.no_grad():
-                        values = {path: torch.nn.Parameter(attn.to_v.forward(i_super.float().to(device)[None, None])[0, 0])
-                                  for path, attn in layers.items()}
-                        if settings.train_keys:  # start where locking would keep them: W_k i_super
-                            keys = {path: torch.nn.Parameter(attn.to_k.forward(i_super.float().to(device)[None, None])[0, 0])
-                                    for path, attn in layers.items()}
-                    groups = [{"params": list(embeddings.values()), "lr": settings.embedding_lr}]
-                    if settings.train_values:
-                        groups.append({"params": list(values.values()), "lr": settings.value_lr})
-                    if settings.train_keys:
-                        groups.append({"params": list(keys.values()), "lr": settings.value_lr})
-                    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-                i_star = settings.ema * i_star + (1 - settings.ema) * concept_mean
-                i_super = settings.ema * i_super + (1 - settings.ema) * super_mean
-
-                edit = None
-                if settings.train_values or settings.train_keys:
-                    concept = _concept(name, superclass, arch, embeddings, i_star, metric_vector(C_inv, i_star), i_super,
-                                       values, covariance_id, settings, losses, keys=keys)
-                    edit = LayerEdit([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, device)
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                with _edit_installed(layers, edit):
-                    loss, x0_prediction = _denoising_loss(unet, sampling, x0, weight, context.to(device), pooled,
-                                                          generator)
-                    grads = torch.autograd.grad(loss, params)
-                for param, grad in zip(params, grads):
-                    param.grad = grad
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().item())
+                loss, x0_prediction = run.step()
+                losses.append(loss)
                 if on_step is not None:
-                    on_step(step, losses[-1], x0_prediction.detach())
-            with torch.no_grad():  # the finished word in every template, for the gate check below
-                own_encoding = _encode_prompts(concept_clip, train_clip, TEMPLATES, name, superclass)[2]
-        i_star = i_star.float()  # what the file stores; u is solved from exactly that
-        u = metric_vector(C_inv, i_star)
-        gate_input = own_gate_input(own_encoding, i_star, u)
-        _check_gate_input(name, gate_input)
-        final = _concept(name, superclass, arch, embeddings, i_star, u, i_super, values,
-                         covariance_id, settings, losses, detach=True, keys=keys, gate_input=gate_input)
+                    on_step(step, loss, x0_prediction)
+            # i* is the finished word's own encoding, not the moving average of training: the average lags a
+            # word vector that still moved near the end, which puts the word's gate input r far from 1 and
+            # leaves the β/τ knob idle (perfusion_ops/train.py: _check_gate_input).
+            i_star = run.finished_word_encoding().float()
+            u = metric_vector(C_inv, i_star)
+            gate_inputs = run.gate_inputs(i_star, u)
+        gate_input = sum(gate_inputs) / len(gate_inputs)
+        _check_gate_input(name, gate_input, gate_inputs)
+        if run.loss_scale.skipped:
+            log.info("Perfusion training '%s': %d of %d steps skipped for float16 overflow (loss scale now %g)",
+                     name, run.loss_scale.skipped, settings.steps, run.loss_scale.scale)
+        final = _concept(name, superclass, arch, run.embeddings, i_star, u, run.i_super.float(), run.values,
+                         covariance_id, settings, losses, detach=True, keys=run.keys, gate_input=gate_input,
+                         precision=precision)
         return final, losses
     finally:
         host.unload(train_model, train_clip.patcher)
@@ -240,17 +316,18 @@ def own_gate_input(encoding: torch.Tensor, i_star: torch.Tensor, u: torch.Tensor
     return float(u @ encoding / (u @ i_star))
 
 
-def _check_gate_input(name: str, r: float) -> None:
-    """The gate σ((r − β)/τ) is built for r ≈ 1 on the concept's own word. i* is an average over training, so
-    when the word vector moved fast until the end it lags behind, and r lands far from 1: then the gate is shut
-    (r below β) or saturated (r well above 1) at every useful β, and the β/τ knob does nothing."""
+def _check_gate_input(name: str, r: float, per_prompt: list[float]) -> None:
+    """The gate σ((r − β)/τ) is built for r ≈ 1 on the concept's own word. i* is the finished word's mean encoding
+    over the training templates, so r is 1 on average there; in other prompts the word's encoding moves with its
+    context, and the C⁻¹ metric weighs such moves heavily. When r is far from 1 in prompts the concept was not
+    trained on, the gate is shut (r below β) or saturated (r well above 1) there, and β/τ barely act."""
     gate = torch.sigmoid(torch.tensor((r - INFERENCE_BETA) / INFERENCE_TAU)).item()
-    log.info("Perfusion: '%s' gate input on its own word r = %.2f (gate %.2f at beta %.2f, tau %.2f)",
-             name, r, gate, INFERENCE_BETA, INFERENCE_TAU)
+    log.info("Perfusion: '%s' gate input on its own word in new prompts r = %.2f (%.2f to %.2f; gate %.2f at beta "
+             "%.2f, tau %.2f)", name, r, min(per_prompt), max(per_prompt), gate, INFERENCE_BETA, INFERENCE_TAU)
     if abs(r - 1.0) > GATE_INPUT_TOLERANCE:
-        log.warning("Perfusion: '%s' has gate input r = %.2f on its own word, far from 1, so beta and tau will "
-                    "barely change it (i*, an average over training, lags the word vector). Train for more steps "
-                    "or with a lower embedding_lr.", name, r)
+        log.warning("Perfusion: '%s' has gate input r = %.2f on its own word in prompts it was not trained on, far "
+                    "from 1, so beta and tau will barely change it there. Train with more varied photos, or lower "
+                    "embedding_lr.", name, r)
 
 
 def _word_embedding(clip, encoder: str, token: int) -> torch.Tensor:
@@ -268,7 +345,7 @@ def _latent_masks(masks, latent_shape) -> torch.Tensor:
 
 
 def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, covariance_id, settings, losses,
-             detach=False, keys=None, gate_input=None) -> Concept:
+             detach=False, keys=None, gate_input=None, precision=None) -> Concept:
     take = (lambda t: t.detach().float().cpu().clone()) if detach else (lambda t: t)
     return Concept(
         name=name, superclass=superclass, arch=arch,
@@ -278,4 +355,4 @@ def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, cov
         keys={path: take(k) for path, k in (keys or {}).items()},
         beta=INFERENCE_BETA, tau=INFERENCE_TAU, covariance=covariance_id,
         train=json.dumps({**asdict(settings), "final_loss": losses[-1] if losses else None,
-                          "gate_input": gate_input}) if detach else "{}")
+                          "gate_input": gate_input, "precision": precision}) if detach else "{}")

@@ -40,20 +40,24 @@ def init_random(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> No
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
-def tiny_model(arch: str, seed: int = 0, std: float = 0.02):
-    """A ModelPatcher over a tiny UNet of `arch`."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def tiny_model(arch: str, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher over a tiny UNet of `arch`, its weights and computation in `dtype` (as ComfyUI loads SD1.x/SDXL
+    UNets in float16 or bfloat16 on GPUs); the same seed gives the same weights, rounded to `dtype`."""
     import comfy.model_patcher
     import comfy.supported_models as sm
     config_class = {"sd1": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[arch]
     model_config = config_class({**COMMON_UNET, **UNET_CONFIGS[arch]})
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=CPU)
     init_random(model.diffusion_model, seed, std)
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
 
 
-def tiny_clip(arch: str, seed: int = 0, embedding_directory=None):
-    """A comfy.sd.CLIP with tiny text encoders of `arch` and ComfyUI's real tokenizers."""
+def tiny_clip(arch: str, seed: int = 0, embedding_directory=None, dtype: torch.dtype = torch.float32):
+    """A comfy.sd.CLIP with tiny text encoders of `arch` and ComfyUI's real tokenizers, in `dtype`."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.sdxl_clip
@@ -70,7 +74,7 @@ def tiny_clip(arch: str, seed: int = 0, embedding_directory=None):
         options = {"clip_l_model_config": {**TINY_TEXT_ENCODER, "hidden_size": 768},
                    "clip_g_model_config": {**TINY_TEXT_ENCODER, "hidden_size": 1280}}
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory,
-                         model_options={"dtype": torch.float32, **options})
+                         model_options={"dtype": dtype, **options})
     init_random(clip.cond_stage_model, seed)
     return clip
 
@@ -93,14 +97,17 @@ class TinyCheckpointLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"arch": (list(ARCHS),), "seed": ("INT", {"default": 0}),
-                             "weight_std": ("FLOAT", {"default": 0.02, "step": 0.01})}}
+                             "weight_std": ("FLOAT", {"default": 0.02, "step": 0.01})},
+                "optional": {"dtype": (list(DTYPES), {"default": "float32"})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     CATEGORY = "testing"
 
-    def load(self, arch, seed, weight_std):
-        return tiny_model(arch, seed, weight_std), tiny_clip(arch, seed, embedding_directory=[]), tiny_vae(seed)
+    def load(self, arch, seed, weight_std, dtype="float32"):
+        dtype = DTYPES[dtype]
+        return (tiny_model(arch, seed, weight_std, dtype), tiny_clip(arch, seed, embedding_directory=[], dtype=dtype),
+                tiny_vae(seed))
 
 
 def register_test_nodes() -> None:
