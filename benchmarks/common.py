@@ -6,7 +6,6 @@ and write one section of benchmarks/RESULTS.md without touching the others.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import platform
 import re
@@ -23,27 +22,18 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 RESULTS_TITLE = "# Benchmark results\n\nFigures measured by the scripts in `benchmarks/`; each section says how to reproduce it.\n"
 
 
-def _comfy_host_module():
-    spec = importlib.util.spec_from_file_location("comfy_host", REPO / "tools" / "comfy_host.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def boot_comfyui(cpu: bool = True) -> Path:
     """Put ComfyUI (found as the tests find it) first on sys.path and the pack's repository after it,
     so `import comfy...` and `import perfusion_ops...` both work and the pack's `nodes/` folder does not
     shadow ComfyUI's `nodes` module. With `cpu`, ComfyUI runs on the CPU (set before model_management loads)."""
-    host = _comfy_host_module().find_comfyui(REPO)
+    import comfy_host
+    host = comfy_host.find_comfyui(REPO)
     if host is None:
-        raise SystemExit("No ComfyUI host found: set COMFYUI_PATH or run `bash tools/test.sh` once "
-                         "(it puts ComfyUI v0.3.64 in the user cache).")
-    if str(host) not in sys.path:
-        sys.path.insert(0, str(host))
+        raise SystemExit("No ComfyUI host found: run `bash tools/test.sh` once (it puts ComfyUI v0.3.64 in the "
+                         "user cache), or set COMFYUI_PATH.")
+    comfy_host.prepare(host, cpu=cpu)
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = cpu
     return host
 
 

@@ -1,0 +1,136 @@
+"""Every ComfyUI internal the pack relies on (perfusion_ops/host.py), checked against the running host.
+
+Each test names the internal in its failure message, so a ComfyUI update that changes one fails here, loudly,
+instead of breaking the pack silently. Run against both supported hosts (tools/test.sh --host ...).
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from tiny_models import tiny_clip, tiny_model
+
+pytestmark = pytest.mark.host
+
+
+def test_diffusion_model_wrapper_key():
+    import comfy.patcher_extension
+    from perfusion_ops import host
+    assert comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL == host.DIFFUSION_MODEL_WRAPPER, \
+        "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL changed"
+
+
+def test_tokenizer_embedding_lookup_returns_the_embedding_first_and_the_leftover_last():
+    """SDTokenizer._try_get_embedding: (embedding, leftover) on v0.3.64, (embedding, name, leftover) on v0.33.0."""
+    clip = tiny_clip("sd1", embedding_directory=[])
+    lookup = clip.tokenizer.clip_l._try_get_embedding
+    result = lookup("nosuchembedding, and more")
+    assert isinstance(result, tuple) and len(result) in (2, 3), \
+        f"SDTokenizer._try_get_embedding returns {result!r}: expected (embedding, [name,] leftover)"
+    assert result[0] is None and result[-1].endswith("and more"), f"SDTokenizer._try_get_embedding: {result!r}"
+
+
+def test_our_lookup_keeps_the_hosts_tuple_and_resolves_our_names():
+    from perfusion_ops import host
+    clip = tiny_clip("sd1", embedding_directory=[])
+    vector = torch.ones(1, 768)
+    tokenizer = host.install_embedding_lookup(clip.tokenizer.clip_l, {"hugsy": vector})
+    original = clip.tokenizer.clip_l._try_get_embedding("hugsy, on a table")
+    ours = tokenizer._try_get_embedding("hugsy, on a table")
+    assert len(ours) == len(original) and ours[0] is vector and ours[1:] == original[1:], (original, ours)
+    assert tokenizer._try_get_embedding("other rest") == clip.tokenizer.clip_l._try_get_embedding("other rest")
+    assert clip.tokenizer.clip_l.embedding_directory == [], "the original tokenizer was changed"
+
+
+def test_loaded_models_list_and_unload():
+    import comfy.model_management as mm
+    assert isinstance(mm.current_loaded_models, list), "comfy.model_management.current_loaded_models is not a list"
+    assert callable(getattr(mm.LoadedModel, "model_unload", None)), "comfy.model_management.LoadedModel.model_unload"
+    from perfusion_ops import host
+    model = tiny_model("sd1")
+    mm.load_models_gpu([model])
+    assert any(loaded.model is model for loaded in mm.current_loaded_models), "load_models_gpu did not list the model"
+    host.unload(model)
+    assert not any(loaded.model is model for loaded in mm.current_loaded_models), "host.unload left the model loaded"
+
+
+def test_out_of_place_clip_layer_computes_what_comfys_clip_layer_computes():
+    """host.make_clip_differentiable replaces comfy.clip_model.CLIPLayer.forward by an out-of-place copy: it must
+    give the same numbers as the host's own forward (a changed CLIPLayer body fails here)."""
+    import comfy.clip_model
+    from perfusion_ops import host
+    clip = tiny_clip("sd1")
+    layer = next(m for m in clip.cond_stage_model.modules() if isinstance(m, comfy.clip_model.CLIPLayer))
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+    attention = optimized_attention_for_device(torch.device("cpu"), mask=False, small_input=True)
+    x = torch.randn(1, 5, 768, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = comfy.clip_model.CLIPLayer.forward(layer, x.clone(), None, attention)
+        ours = host._out_of_place_clip_layer(layer, x.clone(), None, attention)
+    assert torch.allclose(ours, expected, atol=1e-6), \
+        "comfy.clip_model.CLIPLayer.forward changed: update host._out_of_place_clip_layer"
+    assert set(inspect.signature(comfy.clip_model.CLIPLayer.forward).parameters) == \
+        {"self", "x", "mask", "optimized_attention"}, "comfy.clip_model.CLIPLayer.forward's signature changed"
+
+
+def test_weight_wrappers_reach_the_layers():
+    """ModelPatcher.add_weight_wrapper fills each comfy.ops layer's weight_function when the model is loaded."""
+    import comfy.model_management as mm
+    from perfusion_ops import host
+    model = tiny_model("sd1").clone()
+    host.copy_inference_weights_at_use(model)  # no inference tensors here: nothing is wrapped
+    calls = []
+    model.add_weight_wrapper("diffusion_model.input_blocks.0.0.weight", lambda w: calls.append(1) or w)
+    mm.load_models_gpu([model])
+    try:
+        layer = model.model.diffusion_model.input_blocks[0][0]
+        assert layer.weight_function, "ModelPatcher.add_weight_wrapper no longer reaches comfy.ops' weight_function"
+        layer(torch.zeros(1, 4, 8, 8))
+        assert calls, "comfy.ops does not call weight_function at use"
+    finally:
+        host.unload(model)
+
+
+def test_checkpointed_unet_layers_are_the_ones_the_unet_calls():
+    """host.checkpoint_unet_blocks patches the layers inside input/middle/output blocks, which the UNet calls
+    through openaimodel.forward_timestep_embed; a patch the UNet never calls would checkpoint nothing."""
+    import comfy.model_management as mm
+    from perfusion_ops import host
+    model = tiny_model("sd1").clone()
+    count = host.checkpoint_unet_blocks(model)
+    assert count > 5
+    called = []
+    original = torch.utils.checkpoint.checkpoint
+    try:
+        torch.utils.checkpoint.checkpoint = lambda *a, **k: called.append(1) or original(*a, **k)
+        mm.load_models_gpu([model])
+        with torch.no_grad():
+            model.model.apply_model(torch.zeros(1, 4, 8, 8), torch.ones(1), c_crossattn=torch.zeros(1, 77, 768))
+    finally:
+        torch.utils.checkpoint.checkpoint = original
+        host.unload(model)
+    assert len(called) == count, f"{len(called)} of {count} checkpointed UNet layers ran: " \
+                                 "openaimodel.forward_timestep_embed no longer calls the layers"
+
+
+def test_compute_dtype_and_progress_text():
+    from perfusion_ops import host
+    assert host.unet_compute_dtype(tiny_model("sd1", dtype=torch.float16).model) == torch.float16, \
+        "BaseModel.manual_cast_dtype / get_dtype changed"
+    from server import PromptServer
+    assert callable(getattr(PromptServer, "send_progress_text", None)), "server.PromptServer.send_progress_text"
+
+
+def test_the_stock_loader_detects_the_tiny_checkpoint_as_sd15(tmp_path):
+    """tools/tiny_checkpoint.py writes a checkpoint that comfy.sd.load_checkpoint_guess_config (the stock
+    CheckpointLoaderSimple) detects as SD1.5 on this host, with its CLIP and VAE."""
+    import comfy.sd
+    import comfy.supported_models
+    from tiny_checkpoint import write_tiny_checkpoint
+    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    assert type(model.model.model_config) is comfy.supported_models.SD15, type(model.model.model_config)
+    assert clip is not None and vae is not None
+    assert model.model.diffusion_model.input_blocks[0][0].out_channels == 320
