@@ -72,13 +72,20 @@ def run_variant(arch: str, checkpointing: bool, steps: int, device: str, dtype_n
             "model_dtype": dtype_name, "device": device}
 
 
+def _total_memory_gib() -> float:
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def in_subprocess(arch: str, checkpointing: bool, args) -> dict:
     cmd = [sys.executable, __file__, "--child", arch, str(int(checkpointing)), "--steps", str(args.steps),
            "--device", args.device, "--dtype", args.dtype]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:  # e.g. killed for memory: say so in the table instead of stopping
-        return {"arch": arch, "checkpointing": checkpointing, "failed": result.stderr.strip().splitlines()[-1:]
-                or [f"exit {result.returncode}"]}
+    if result.returncode < 0:  # killed: on Linux a SIGKILL here is the kernel's out-of-memory killer
+        why = "killed by SIGKILL (out of memory)" if result.returncode == -9 else f"killed by signal {-result.returncode}"
+        return {"arch": arch, "checkpointing": checkpointing, "failed": why}
+    if result.returncode != 0:
+        return {"arch": arch, "checkpointing": checkpointing, "failed": result.stderr.strip().splitlines()[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -116,11 +123,12 @@ def main() -> int:
         setting = f"{setup['size']}², batch {setup['batch']}"
         if "failed" in row:
             lines.append(f"| {row['arch']} | {setting} | {'on' if row['checkpointing'] else 'off'} | failed: "
-                         f"{row['failed'][0][:80]} | |")
+                         f"{row['failed'][:80]} | |")
             continue
         lines.append(f"| {row['arch']} | {setting} | {'on' if row['checkpointing'] else 'off'} | "
                      f"{row['step_s']:.1f} s | {row['peak_bytes'] / 2**30:.2f} GiB |")
-    lines += ["", "Reproduce: `python benchmarks/bench_train_memory.py --write` (with the test environment's python)."]
+    lines += ["", f"Machine memory: {_total_memory_gib():.0f} GiB. Reproduce: `python benchmarks/bench_train_memory.py "
+              "--write` (with the test environment's python); on a GPU add `--device cuda`."]
     body = "\n".join(lines)
     log.info("%s", body)
     if args.write:
