@@ -68,11 +68,19 @@ def estimate_covariance(clip, corpus: list[str], on_progress=None) -> torch.Tens
     return C / count
 
 
+RIDGE = 1e-6  # least eigenvalue of C used, relative to C's mean eigenvalue: bounds its condition by ~1e6·d
+
+
 def inverse(C: torch.Tensor) -> torch.Tensor:
-    """C⁻¹ in float64, with a tiny ridge so a barely-covered direction cannot blow up u."""
+    """C⁻¹ in float64, symmetric positive definite, so that E = i*ᵀ C⁻¹ i* > 0 for every i*.
+
+    Eigenvalues below RIDGE × the mean eigenvalue are raised to it, so a barely-covered direction cannot blow up u.
+    (Adding that ridge to C is not enough: a C estimated from few tokens is rank-deficient, and the float32 it is
+    cached in rounds its zero eigenvalues to negative ones far larger than a ridge relative to the mean.)"""
     C = C.double()
-    ridge = 1e-6 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64)
-    return torch.linalg.inv(C + ridge)
+    eigenvalues, vectors = torch.linalg.eigh((C + C.T) / 2)
+    floor = RIDGE * eigenvalues.clamp_min(0).mean()
+    return (vectors / eigenvalues.clamp_min(floor)) @ vectors.T
 
 
 def metric_vector(C_inv: torch.Tensor, i_star: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ def shipped(name: str, object_info: dict, *, seed: int, concept_name: str | None
         node["inputs"].update(folder=PHOTOS, size=SIZE)
     for node in nodes_of_type(prompt, "PerfusionTrainConcept"):
         node["inputs"].update(name=concept_name, seed=seed, steps=train_steps, batch_size=1, resolution=SIZE,
-                              covariance=COVARIANCE)
+                              covariance=COVARIANCE, gradient_accumulation=1)
     loaders = nodes_of_type(prompt, "PerfusionLoadConcept")
     assert len(loaders) == len(concept_files), f"{name}: {len(loaders)} concept loaders"
     for node, filename in zip(loaders, concept_files):

@@ -51,6 +51,27 @@ def test_covariance_matches_direct_float64_and_is_cached(arch, small_corpus, tmp
     assert covariance.text_encoder_fingerprint(other, small_corpus) != fingerprint
 
 
+def test_the_inverse_covariance_is_positive_definite_even_when_the_cached_c_is_not():
+    """A C from few tokens is rank-deficient; cached in float32, its zero eigenvalues become slightly negative,
+    here -1e-4 of the mean, a hundred times the ridge. C⁻¹ must still be symmetric positive definite, so that
+    E = i*ᵀ C⁻¹ i* > 0 for any i* (adding the ridge to C, the previous way, leaves it indefinite)."""
+    from perfusion_ops.covariance import RIDGE, inverse
+    d = 64
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    eigenvalues = torch.cat([torch.rand(d - 8, generator=g, dtype=torch.float64) * 100 + 1,
+                             torch.full((8,), -1e-4, dtype=torch.float64) * 50])
+    C = (vectors * eigenvalues) @ vectors.T
+    C_inv = inverse(C.float())
+    assert torch.allclose(C_inv, C_inv.T)
+    assert torch.linalg.eigvalsh(C_inv).min() > 0
+    ridge_added = torch.linalg.inv(C + RIDGE * C.diagonal().mean() * torch.eye(d, dtype=torch.float64))
+    assert torch.linalg.eigvalsh(ridge_added).min() < 0, "the control is not indefinite: the test shows nothing"
+    # Well covered directions are untouched: C⁻¹ C = 1 on them.
+    covered = vectors[:, : d - 8]
+    assert torch.allclose(covered.T @ C_inv @ C @ covered, torch.eye(d - 8, dtype=torch.float64), atol=1e-5)
+
+
 def fixed_denoising_loss(model, clip, concept, latents, masks, draws=8, beta=0.75, tau=0.10):
     """Masked ε-MSE of the model with `concept` applied, on fixed noise draws and sigmas."""
     from perfusion_ops.patch import apply_concepts
@@ -87,7 +108,8 @@ def test_training_on_real_photos_lowers_the_loss_and_changes_only_the_concept(sm
     unet_before = {k: v.clone() for k, v in model.model.state_dict().items()}
     clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
 
-    settings = TrainSettings(steps=24, seed=3, batch_size=2, value_lr=0.03, embedding_lr=0.006)
+    settings = TrainSettings(steps=24, seed=3, batch_size=2, value_lr=0.03, embedding_lr=0.006,
+                             gradient_accumulation=1)
     untrained, _ = train_concept(model, clip, latents, "hugsy", "teddy", C, fingerprint,
                                  TrainSettings(steps=1, seed=3, batch_size=2, value_lr=0.0, embedding_lr=0.0),
                                  masks=masks)

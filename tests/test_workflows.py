@@ -125,7 +125,8 @@ def _on_tiny_models(prompt: dict, **train_inputs) -> dict:
         node["class_type"] = "PerfusionTestTinyCheckpoint"
         node["inputs"] = {"arch": "sd1", "seed": 0, "weight_std": 0.02}
     for node in nodes_of_type(prompt, "PerfusionTrainConcept"):
-        node["inputs"].update({"steps": 2, "resolution": 64, "batch_size": 2, **train_inputs})
+        node["inputs"].update({"steps": 2, "resolution": 64, "batch_size": 2, "gradient_accumulation": 1,
+                               **train_inputs})
     for node in nodes_of_type(prompt, "KSampler"):
         node["inputs"]["steps"] = 2
     for node in nodes_of_type(prompt, "EmptyLatentImage"):

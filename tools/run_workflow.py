@@ -161,6 +161,7 @@ class Run:
                 inputs["steps"] = args.train_steps or SMOKE["train_steps"]
             if smoke:
                 inputs["resolution"], inputs["batch_size"] = SMOKE["resolution"], SMOKE["batch_size"]
+                inputs["gradient_accumulation"] = 1
                 inputs["covariance"] = self._smoke_covariance()
         concept_files = [p.resolve() for p in args.concept]
         for index, node in enumerate(nodes_of_type(prompt, "PerfusionLoadConcept")):
