@@ -12,8 +12,6 @@ import types
 
 import torch
 
-CHECKED_ON = ("0.3.64", "0.33.0")
-
 # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: the wrapper around one call of the diffusion model.
 DIFFUSION_MODEL_WRAPPER = "diffusion_model"
 

@@ -28,7 +28,7 @@ from .text import clip_architecture, clip_with_word_vectors
 log = logging.getLogger(__name__)
 GATE_INPUT_TOLERANCE = 0.5  # |r − 1| on the concept's own word beyond which training warns (see _check_gate_input)
 
-# The prompt templates of the reference recipe (docs/method.md, Training).
+# The prompt templates of the reference implementation's training data set.
 TEMPLATES = ["a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}",
              "image of a {}", "image of the {}", "A photograph of {}", "A {} shown in a photo", "A photo of {}"]
 # Prompts the concept is not trained on, where training measures its own word's gate input (_check_gate_input).
@@ -242,17 +242,18 @@ class _Training:
             self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), x0_prediction
 
-    def finished_word_encoding(self) -> torch.Tensor:
-        """The finished word's encoding at its position, averaged over the training templates."""
+    def word_encoding(self, templates) -> torch.Tensor:
+        """The concept word's current encoding at its position, averaged over `templates` (no gradient)."""
+        encodings = []
         with torch.no_grad():
-            return _encode_prompts(self.concept_clip, self.train_clip, TEMPLATES, self.name, self.superclass)[2]
+            for template in templates:
+                context, _, positions = encode(self.concept_clip, template.format(f"embedding:{self.name}"))
+                encodings.append(context[0, positions[0]])
+        return torch.stack(encodings).mean(0).double().cpu()
 
     def gate_inputs(self, i_star: torch.Tensor, u: torch.Tensor) -> list[float]:
         """r = uᵀx / uᵀi* of the finished word in prompts it was not trained on (GATE_CHECK_PROMPTS)."""
-        with torch.no_grad():
-            return [own_gate_input(_encode_prompts(self.concept_clip, self.train_clip, [prompt], self.name,
-                                                   self.superclass)[2], i_star, u)
-                    for prompt in GATE_CHECK_PROMPTS]
+        return [own_gate_input(self.word_encoding([prompt]), i_star, u) for prompt in GATE_CHECK_PROMPTS]
 
 
 def train_concept(model, clip, latents, name: str, superclass: str, covariance: torch.Tensor, covariance_id: str,
@@ -293,8 +294,8 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                     on_step(step, loss, x0_prediction)
             # i* is the finished word's own encoding, not the moving average of training: the average lags a
             # word vector that still moved near the end, which puts the word's gate input r far from 1 and
-            # leaves the β/τ knob idle (perfusion_ops/train.py: _check_gate_input).
-            i_star = run.finished_word_encoding().float()
+            # leaves the β/τ knob idle (see _check_gate_input).
+            i_star = run.word_encoding(TEMPLATES).float()
             u = metric_vector(C_inv, i_star)
             gate_inputs = run.gate_inputs(i_star, u)
         gate_input = sum(gate_inputs) / len(gate_inputs)
