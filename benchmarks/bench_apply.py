@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -29,19 +28,25 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import boot_comfyui, environment, init_random, interleaved, loadavg, median, write_results_section  # noqa: E402
+from common import add_sampling_options, boot_comfyui, hook_timer, environment, init_random, interleaved, loadavg, median, write_results_section  # noqa: E402
 
 log = logging.getLogger("bench_apply")
 
 SECTION = "## Apply: sampling time and concept file size"
 TIME_TARGET = 1.03
 SIZE_TARGETS = {"sd15": 64_000, "sdxl": 400_000}  # bytes, float32 files
-# Metadata as a trained concept carries it (perfusion_ops/train.py: the TrainSettings fields and the final loss as
-# JSON; perfusion_ops/covariance.py: a 16-hex-digit fingerprint), so the sizes include a realistic header.
-REALISTIC_TRAIN = json.dumps({"steps": 400, "seed": 0, "batch_size": 4, "value_lr": 0.03, "embedding_lr": 0.006,
-                              "beta": 0.75, "tau": 0.1, "ema": 0.99, "flip": True, "weight_decay": 0.01,
-                              "final_loss": 0.12345678901234568})
+# A covariance fingerprint as perfusion_ops/covariance.py writes it (16 hex digits); with realistic_train(), the
+# sizes include a realistic header.
 REALISTIC_COVARIANCE = "3f2a9c0d1e2b4a5f"
+
+
+def realistic_train() -> str:
+    """The training metadata a trained concept carries (perfusion_ops/train.py): every TrainSettings field at its
+    default, the final loss, the gate input and the precision, as JSON."""
+    from dataclasses import asdict
+    from perfusion_ops.train import TrainSettings
+    return json.dumps({**asdict(TrainSettings()), "final_loss": 0.12345678901234568, "gate_input": 0.9876543210987654,
+                       "precision": "model in float16, concept in float32, dynamic loss scaling"})
 
 # ComfyUI's own UNet configs (comfy/model_detection.py, unet_config_from_diffusers_unet), without dtype.
 SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -103,9 +108,10 @@ def bench_hooks(diffusion_model, concept, context_shape, rounds: int = 7, iterat
     the sampler's shape, without and with the hooks (exactly the hooks the patch installs), interleaved;
     minima over rounds, which are the least disturbed by other load on the machine."""
     import torch
-    from perfusion_ops.patch import AppliedConcept, LayerEdit, cross_attention_layers
+    from perfusion_ops.concept import INFERENCE_BETA, INFERENCE_TAU
+    from perfusion_ops.patch import AppliedConcept, ConceptTensors, cross_attention_layers
     layers = cross_attention_layers(diffusion_model)
-    edit = LayerEdit([AppliedConcept(concept, 1.0, 0.70, 0.15)], True, torch.device("cpu"))
+    edit = ConceptTensors([AppliedConcept(concept, 1.0, INFERENCE_BETA, INFERENCE_TAU)], True, torch.device("cpu"))
     x = torch.randn(context_shape, generator=torch.Generator().manual_seed(5))
 
     def run(hooked: bool) -> float:
@@ -140,38 +146,6 @@ def bench_hooks(diffusion_model, concept, context_shape, rounds: int = 7, iterat
     return result
 
 
-@contextlib.contextmanager
-def hook_timer(totals: dict):
-    """Sum the wall and CPU time spent inside the Perfusion hooks during the block, without touching
-    perfusion_ops' files: LayerEdit's hook factories are wrapped for the duration of the block."""
-    from perfusion_ops import patch
-    originals = {name: getattr(patch.LayerEdit, name) for name in ("key_hook", "value_hook")}
-    totals.update(wall=0.0, cpu=0.0, calls=0)
-
-    def wrap(factory):
-        def timed_factory(self, path):
-            hook = factory(self, path)
-
-            def timed_hook(module, inputs, output):
-                wall, cpu = time.perf_counter(), time.process_time()
-                try:
-                    return hook(module, inputs, output)
-                finally:
-                    totals["wall"] += time.perf_counter() - wall
-                    totals["cpu"] += time.process_time() - cpu
-                    totals["calls"] += 1
-            return timed_hook
-        return timed_factory
-
-    for name, factory in originals.items():
-        setattr(patch.LayerEdit, name, wrap(factory))
-    try:
-        yield totals
-    finally:
-        for name, factory in originals.items():
-            setattr(patch.LayerEdit, name, factory)
-
-
 def bench_sampling(args) -> list[dict]:
     import torch
     import comfy.model_patcher
@@ -191,7 +165,7 @@ def bench_sampling(args) -> list[dict]:
     positive_context = torch.randn(1, 77, 768, generator=g)
     negative_context = torch.randn(1, 77, 768, generator=g)
     concept = random_concept(model.diffusion_model, "sd1", "sksteddy", seed=2, context=positive_context, position=4)
-    patched = apply_concepts(base, [concept], strength=1.0, beta=0.70, tau=0.15)
+    patched = apply_concepts(base, [concept], strength=1.0)
     control = base.clone()  # A/A control: another ModelPatcher of the same model, no patch
 
     latent_size = args.size // 8
@@ -297,7 +271,7 @@ def bench_sizes(sd15_diffusion_model=None) -> dict:
         for key, (arch, diffusion_model) in models.items():
             layers = cross_attention_layers(diffusion_model)
             concept = random_concept(diffusion_model, arch, "sksteddy", seed=3).replace(
-                covariance=REALISTIC_COVARIANCE, train=REALISTIC_TRAIN)
+                covariance=REALISTIC_COVARIANCE, train=realistic_train())
             with_keys = concept.replace(keys={p: torch.randn(v.shape) for p, v in concept.values.items()})
             row = {"layers": len(layers)}
             for label, c in (("", concept), (" +keys", with_keys)):
@@ -398,7 +372,7 @@ def report(env: dict, sampling: list[dict] | None, args, sizes: dict, command: s
         "Random concepts for the real layer sets (SD1.5 from the model above or ComfyUI's SD15 config on `meta`; "
         "SDXL from ComfyUI's SDXL config built on `meta`), one embedding vector per text encoder, locked keys "
         "(no `key.*`, the normal case), metadata as the trainer writes it (training settings JSON, covariance "
-        f"fingerprint; {len(REALISTIC_TRAIN)} + {len(REALISTIC_COVARIANCE)} characters), written with "
+        f"fingerprint; {len(realistic_train())} + {len(REALISTIC_COVARIANCE)} characters), written with "
         "`write_concept`. KB = 1000 bytes, KiB = 1024.",
         "",
         "| model | layers | float32 | of which header | float16 | target (float32) | float32 with trained keys |",
@@ -415,12 +389,7 @@ def report(env: dict, sampling: list[dict] | None, args, sizes: dict, command: s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repetitions", type=int, default=7, help="timed repetitions of each variant (>= 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent is size/8)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_options(parser, repetitions=7)
     parser.add_argument("--threads", default="0",
                         help="torch thread counts to measure, comma-separated, e.g. 2,1 (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="profile even when the target is met")

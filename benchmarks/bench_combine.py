@@ -35,7 +35,7 @@ N_CONCEPTS = 4
 
 # comfy/model_detection.py (unet_config_from_diffusers_unet, "SD15"), without dtype. supported_models.SD15
 from bench_apply import build_model  # noqa: E402  (after the constants above)
-from common import boot_comfyui, init_random, machine, write_results_section  # noqa: E402
+from common import add_sampling_options, boot_comfyui, hook_timer, init_random, machine, write_results_section  # noqa: E402
 
 log = logging.getLogger("bench_combine")
 
@@ -108,37 +108,13 @@ def interleaved(runs: dict, repetitions: int, warmup: int) -> tuple[dict, dict]:
 
 
 def time_hooks(sample, model_patcher) -> tuple[float, int, float]:
-    """One more sample of `model_patcher` with every Perfusion forward hook timed (LayerEdit's hook factories
-    wrapped for the duration; perfusion_ops itself is not changed). Returns (seconds in hooks, hook calls,
-    seconds for the whole sample)."""
-    from perfusion_ops import patch
-    originals = {name: getattr(patch.LayerEdit, name) for name in ("key_hook", "value_hook")}
-    total = {"seconds": 0.0, "calls": 0}
-
-    def wrap(factory):
-        def timed_factory(self, path):
-            hook = factory(self, path)
-
-            def timed_hook(module, inputs, output):
-                start = time.perf_counter()
-                try:
-                    return hook(module, inputs, output)
-                finally:
-                    total["seconds"] += time.perf_counter() - start
-                    total["calls"] += 1
-            return timed_hook
-        return timed_factory
-
-    for name, factory in originals.items():
-        setattr(patch.LayerEdit, name, wrap(factory))
-    try:
+    """One more sample of `model_patcher` with every Perfusion forward hook timed (common.hook_timer). Returns
+    (seconds in hooks, hook calls, seconds for the whole sample)."""
+    with hook_timer({}) as totals:
         start = time.perf_counter()
         sample(model_patcher)
         whole = time.perf_counter() - start
-    finally:
-        for name, factory in originals.items():
-            setattr(patch.LayerEdit, name, factory)
-    return total["seconds"], total["calls"], whole
+    return totals["wall"], totals["calls"], whole
 
 
 def bench(args) -> dict:
@@ -159,7 +135,7 @@ def bench(args) -> dict:
     concepts = concepts_on_tokens(diffusion_model, positive_context, positions=range(1, N_CONCEPTS + 1))
     variants = {"unpatched": base}
     for mode in args.modes:
-        variants[f"4 {mode}"] = apply_concepts(base, concepts, 1.0, 0.70, 0.15, exact=mode == "exact")
+        variants[f"4 {mode}"] = apply_concepts(base, concepts, 1.0, exact=mode == "exact")
 
     latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
     noise = comfy.sample.prepare_noise(latent, args.seed)
@@ -269,12 +245,7 @@ def report(result: dict, args, command: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repetitions", type=int, default=5, help="timed repetitions of each variant")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--size", type=int, default=256, help="image size in pixels (the latent is size/8)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_options(parser, repetitions=5)
     parser.add_argument("--modes", default="exact,approximate", help="multi-concept modes to time, comma-separated")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default). 1 by default: on a small machine shared with other "

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common import boot_comfyui, environment, median, write_results_section
+from common import boot_comfyui, environment, median, publish
 
 log = logging.getLogger("bench_train")
 HEADING = "## Train: step time and peak memory, Perfusion vs textual inversion"
@@ -95,9 +95,7 @@ def main() -> int:
               f"peak memory **{peak['perfusion'] / peak['textual_inversion']:.3f}x** (target at most 1.10x for both). "
               f"Peak memory on the CPU is the growth of the process's maximum resident set during training.\n\n"
               f"Reproduce: `python benchmarks/bench_train.py --write` (with the test environment's python).")
-    log.info("%s", body)
-    if args.write:
-        write_results_section(HEADING, body)
+    publish(log, HEADING, body, args.write)
     return 0
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from common import boot_comfyui, environment, median, write_results_section
+from common import boot_comfyui, environment, median, publish
 
 log = logging.getLogger("bench_train_memory")
 HEADING = "## Train: peak memory and step time with and without gradient checkpointing"
@@ -130,9 +130,7 @@ def main() -> int:
     lines += ["", f"Machine memory: {_total_memory_gib():.0f} GiB. Reproduce: `python benchmarks/bench_train_memory.py "
               "--write` (with the test environment's python); on a GPU add `--device cuda`."]
     body = "\n".join(lines)
-    log.info("%s", body)
-    if args.write:
-        write_results_section(HEADING, body)
+    publish(log, HEADING, body, args.write)
     return 0
 
 

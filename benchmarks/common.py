@@ -5,6 +5,7 @@ and write one section of benchmarks/RESULTS.md without touching the others.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -16,8 +17,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO / "tools"))
-from tiny_models import init_random  # noqa: E402,F401  (re-exported: one weight initialisation for tests and benchmarks)
+sys.path.append(str(REPO))  # support/ and perfusion_ops/, after ComfyUI (support/__init__.py says why)
+from support.tiny_models import init_random  # noqa: E402,F401  (re-exported: one weight initialisation for tests and benchmarks)
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 RESULTS_TITLE = "# Benchmark results\n\nFigures measured by the scripts in `benchmarks/`; each section says how to reproduce it.\n"
 
@@ -26,14 +27,12 @@ def boot_comfyui(cpu: bool = True) -> Path:
     """Put ComfyUI (found as the tests find it) first on sys.path and the pack's repository after it,
     so `import comfy...` and `import perfusion_ops...` both work and the pack's `nodes/` folder does not
     shadow ComfyUI's `nodes` module. With `cpu`, ComfyUI runs on the CPU (set before model_management loads)."""
-    import comfy_host
+    from support import comfy_host
     host = comfy_host.find_comfyui(REPO)
     if host is None:
         raise SystemExit("No ComfyUI host found: run `bash tools/test.sh` once (it puts ComfyUI v0.3.64 in the "
                          "user cache), or set COMFYUI_PATH.")
     comfy_host.prepare(host, cpu=cpu)
-    if str(REPO) not in sys.path:
-        sys.path.append(str(REPO))
     return host
 
 
@@ -102,6 +101,55 @@ def interleaved(runs: dict, repetitions: int, warmup: int = 1, log=None) -> tupl
                 log.info("  round %d  %-10s wall %.3f s  cpu %.3f s  (load %s)", rep + 1, name, seconds,
                          cpu[name][-1], loadavg())
     return wall, cpu
+
+
+def add_sampling_options(parser, repetitions: int) -> None:
+    """The command-line options of the sampling benchmarks: how often, and what each sample is."""
+    parser.add_argument("--repetitions", type=int, default=repetitions, help="timed repetitions of each variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (the latent is size/8)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def publish(log, heading: str, body: str, write: bool) -> None:
+    """Log a result section and, with `write`, put it into RESULTS.md under `heading`."""
+    log.info("%s", body)
+    if write:
+        write_results_section(heading, body)
+
+
+@contextlib.contextmanager
+def hook_timer(totals: dict):
+    """Sum the wall and CPU time spent inside the Perfusion hooks during the block, without touching
+    perfusion_ops' files: ConceptTensors's hook factories are wrapped for the duration of the block."""
+    from perfusion_ops import patch
+    originals = {name: getattr(patch.ConceptTensors, name) for name in ("key_hook", "value_hook")}
+    totals.update(wall=0.0, cpu=0.0, calls=0)
+
+    def wrap(factory):
+        def timed_factory(self, path):
+            hook = factory(self, path)
+
+            def timed_hook(module, inputs, output):
+                wall, cpu = time.perf_counter(), time.process_time()
+                try:
+                    return hook(module, inputs, output)
+                finally:
+                    totals["wall"] += time.perf_counter() - wall
+                    totals["cpu"] += time.process_time() - cpu
+                    totals["calls"] += 1
+            return timed_hook
+        return timed_factory
+
+    for name, factory in originals.items():
+        setattr(patch.ConceptTensors, name, wrap(factory))
+    try:
+        yield totals
+    finally:
+        for name, factory in originals.items():
+            setattr(patch.ConceptTensors, name, factory)
 
 
 def median(values) -> float:

@@ -40,7 +40,7 @@ class PerfusionApplyConcept(io.ComfyNode):
                                tooltip="Fraction of the sampling schedule at which the edit switches off."),
                 io.Combo.Input("multi_concept_mode", options=["exact", "approximate"], default="exact", optional=True,
                                tooltip="With several concepts on one model: 'exact' removes all their directions "
-                                       "jointly (DESIGN §2); 'approximate' treats each concept on its own. "
+                                       "jointly (docs/method.md §2); 'approximate' treats each concept on its own. "
                                        "The last apply node in a chain decides. No effect with one concept."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="A copy of the model with the concept(s)."),

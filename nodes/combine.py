@@ -1,31 +1,17 @@
 """Combine several concepts into one set."""
 from __future__ import annotations
 
-import logging
-
 from comfy_api.latest import io
 
-from ..perfusion_ops.concept import ConceptSet
+from ..perfusion_ops.concept import ConceptSet, check_used_together
 from .common import CATEGORY, PerfusionConcept
 
 MAX_INPUTS = 8
-log = logging.getLogger(__name__)
 
 
 def combine(sets: list[ConceptSet]) -> ConceptSet:
     concepts = [c for s in sets for c in s.concepts]
-    names = [c.name for c in concepts]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"Concept(s) {duplicates} appear more than once; each concept can be combined only once.")
-    archs = sorted({c.arch for c in concepts})
-    if len(archs) > 1:
-        raise ValueError("Concepts for different architectures cannot be combined: "
-                         + ", ".join(f"{c.name} ({c.arch})" for c in concepts))
-    covariances = sorted({c.covariance for c in concepts})
-    if len(covariances) > 1:
-        log.warning("Perfusion: concepts %s were estimated with different covariances (%s); their gates are "
-                    "calibrated differently.", names, covariances)
+    check_used_together(concepts, "appear more than once; each concept can be combined only once")
     return ConceptSet(tuple(concepts))
 
 

@@ -17,7 +17,9 @@ from ..perfusion_ops.train import TrainSettings, train_concept
 from .common import CATEGORY, COVARIANCE_FOLDER, PerfusionConcept
 
 ESTIMATE = "estimate from this CLIP"
-DEFAULT = TrainSettings()  # every default of the node is the recipe's own
+DEFAULT = TrainSettings()  # every training default of the node is the recipe's own
+RESOLUTION = 512           # photos' side before encoding: SD1.x/SD2.x's training size (SDXL users pick 1024)
+PREVIEW_EVERY = 0          # no previews unless asked for
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ class PerfusionTrainConcept(io.ComfyNode):
                               tooltip="Optional soft masks of the concept, one per photo; the loss is weighted by them."),
                 io.Int.Input("batch_size", default=DEFAULT.batch_size, min=1, max=64, optional=True,
                              tooltip="Photos per micro-batch (reference: 4)."),
-                io.Int.Input("resolution", default=512, min=0, max=2048, step=64, optional=True,
+                io.Int.Input("resolution", default=RESOLUTION, min=0, max=2048, step=64, optional=True,
                              tooltip="Photos are resized to this square size before encoding (512 for SD1.x/SD2.x, "
                                      "1024 for SDXL); 0 keeps their size."),
                 io.Float.Input("value_lr", default=DEFAULT.value_lr, min=0.0, max=1.0, step=0.001, optional=True,
@@ -74,7 +76,7 @@ class PerfusionTrainConcept(io.ComfyNode):
                                tooltip="The text-encoder covariance C: estimated once per CLIP setup from the pack's "
                                        "caption corpus and cached, or a file (key 'covariance') from "
                                        "models/perfusion_covariance."),
-                io.Int.Input("preview_every", default=0, min=0, max=10000, optional=True,
+                io.Int.Input("preview_every", default=PREVIEW_EVERY, min=0, max=10000, optional=True,
                              tooltip="Show a preview of the model's denoised guess every N steps (0: no previews)."),
                 io.Boolean.Input("train_values", default=DEFAULT.train_values, optional=True,
                                  tooltip="Learn the value targets (Perfusion). Off: learn only the word vector, i.e. "
@@ -97,9 +99,9 @@ class PerfusionTrainConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, name, superclass, steps, seed, masks=None,
-                batch_size=DEFAULT.batch_size, resolution=512, value_lr=DEFAULT.value_lr,
+                batch_size=DEFAULT.batch_size, resolution=RESOLUTION, value_lr=DEFAULT.value_lr,
                 embedding_lr=DEFAULT.embedding_lr, train_beta=DEFAULT.beta, train_tau=DEFAULT.tau, flip=DEFAULT.flip,
-                covariance=ESTIMATE, preview_every=0, train_values=DEFAULT.train_values,
+                covariance=ESTIMATE, preview_every=PREVIEW_EVERY, train_values=DEFAULT.train_values,
                 train_keys=DEFAULT.train_keys, gradient_accumulation=DEFAULT.gradient_accumulation,
                 gradient_checkpointing=DEFAULT.gradient_checkpointing) -> io.NodeOutput:
         name = name.strip()

@@ -1,11 +1,16 @@
-"""The in-memory concept: what one trained Perfusion concept consists of (DESIGN.md §1, §3)."""
+"""The in-memory concept: what one trained Perfusion concept consists of (docs/method.md §1, §6)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import PerfusionError
+
+log = logging.getLogger(__name__)
 
 # Context width (d_ctx) the UNet sees, and the text encoders whose word vectors a concept carries.
 ARCHITECTURES = {
@@ -14,6 +19,7 @@ ARCHITECTURES = {
     "sdxl": {"context_dim": 2048, "embeddings": {"clip_l": 768, "clip_g": 1280}},
 }
 
+# The gate's bias and temperature (docs/method.md §1): the reference's while training, the paper's best at inference.
 TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
 INFERENCE_BETA, INFERENCE_TAU = 0.70, 0.15
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}")
@@ -33,7 +39,7 @@ def is_valid_name(name: str) -> bool:
 @dataclass(frozen=True, eq=False)
 class Concept:
     """One concept. Vectors are float32 CPU tensors; nothing here has a ``.to`` method on purpose
-    (ComfyUI casts any patch object with ``.to`` to the model dtype, see comfyui-host.md §1.5)."""
+    (ComfyUI casts any object in a model's patches that has ``.to`` to the model's dtype)."""
 
     name: str                          # the word written in prompts as embedding:<name>
     superclass: str                    # e.g. "teddy": keys are locked to it
@@ -102,3 +108,20 @@ class ConceptSet:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.concepts]
+
+
+def check_used_together(concepts: list[Concept], how: str) -> None:
+    """Concepts that one set or one model holds: each name once (embedding:<name> must mean one concept), one
+    architecture; a warning when their covariances differ, since their gates are then calibrated differently.
+    `how` completes the refusal of a repeated name, e.g. "applied twice to the same model"."""
+    names = [c.name for c in concepts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PerfusionError(f"Concept(s) {duplicates} {how}.")
+    if len({c.arch for c in concepts}) > 1:
+        raise PerfusionError("Concepts for different architectures cannot be used together: "
+                             + ", ".join(f"{c.name} ({c.arch})" for c in concepts))
+    covariances = sorted({c.covariance for c in concepts})
+    if len(covariances) > 1:
+        log.warning("Perfusion: concepts %s were estimated with different covariances (%s); their gates are "
+                    "calibrated differently, so balance them with per-concept beta or strength.", names, covariances)

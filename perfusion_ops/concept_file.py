@@ -1,4 +1,4 @@
-"""Reading and writing the concept file, format 1 (DESIGN.md §3).
+"""Reading and writing the concept file, format 1 (docs/method.md §6).
 
 A concept file is an untrusted download. Its safetensors header is checked by hand before safetensors
 sees it, nothing is ever unpickled, and every refusal is a ConceptFileError naming the file and the problem.
@@ -6,7 +6,6 @@ The writer runs the reader's checks on the bytes it is about to write, so it nev
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -14,12 +13,12 @@ import os
 import re
 import stat
 import struct
-import tempfile
 
 import safetensors.torch
 import torch
 
 from .concept import ARCHITECTURES, Concept, is_valid_name, numeric_problem
+from .files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -342,26 +341,3 @@ def _encode(concept: Concept, dtype) -> bytes:
         "perfusion.covariance": concept.covariance, "perfusion.train": concept.train,
     }
     return safetensors.torch.save(tensors, metadata)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write to a hidden temporary file beside `path`, then rename it over `path`: a reader (or a crash)
-    sees the old file or the new one, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)  # keep the permissions of the file we replace
-    except OSError:
-        mode = 0o644  # mkstemp makes the file owner-only; a model file should be readable like others
-    tmp = tempfile.NamedTemporaryFile(dir=directory, delete=False,
-                                      prefix="." + os.path.basename(path), suffix=".partial")
-    try:
-        with tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, mode)
-        os.replace(tmp.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
-        raise

@@ -1,4 +1,4 @@
-"""The covariance C: the uncentered second moment of the context tokens the UNet receives (DESIGN.md §1).
+"""The covariance C: the uncentered second moment of the context tokens the UNet receives (docs/method.md §3).
 
 Estimated for the exact text-encoder setup in use (weights, clip skip) over the caption corpus shipped
 in data/captions.txt (see tools/make_caption_corpus.py), counting tokens BOS through EOS and no
@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 
 import torch
+from einops import rearrange
 
-from .concept_file import write_atomically
+from .files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def estimate_covariance(clip, corpus: list[str], on_progress=None) -> torch.Tens
         end_token = getattr(clip.tokenizer, f"clip_{reference_key}").end_token
         with torch.no_grad():
             context = clip.encode_from_tokens(merged).double()
-        length = context.shape[1] // len(batch)
-        for i, chunk in enumerate(merged[reference_key]):
-            x = context[0, i * length: i * length + _content_length(chunk, end_token)]
+        by_caption = rearrange(context, "1 (caption token) d -> caption token d", caption=len(batch))
+        for caption_context, chunk in zip(by_caption, merged[reference_key]):
+            x = caption_context[:_content_length(chunk, end_token)]
             C = x.T @ x if C is None else C + x.T @ x
             count += x.shape[0]
         if on_progress is not None:

@@ -1,13 +1,15 @@
 """Perfusion on a ComfyUI model: forward hooks on every cross-attention to_k / to_v.
 
 The hooks live only for one call of the diffusion model, installed by a DIFFUSION_MODEL wrapper on a
-ModelPatcher clone (comfyui-host.md §1.8). So the edit is per clone, leaves nothing on the shared
-module, and `W x` / `W i*` come from the live projection: LoRA (baked or lowvram), casts, fp8 and
-offloading apply to them exactly as ComfyUI applies them everywhere else. Several concepts, also from
-chained apply nodes, share one joint patch (DESIGN.md §2).
+ModelPatcher clone (docs/method.md §4). So the edit is per clone and leaves nothing on the shared module
+(replacing the to_k/to_v modules instead would bypass the LoRA and weight patches ComfyUI applies to them),
+and `W x` / `W i*` come from the live projection: LoRA (baked or lowvram), casts, fp8 and offloading apply to
+them exactly as ComfyUI applies them everywhere else. Several concepts, also from chained apply nodes, share
+one joint patch (docs/method.md §2).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -15,16 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from . import rank1
-from .concept import ARCHITECTURES, Concept, numeric_problem
+from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, Concept, check_used_together, numeric_problem
+from .errors import PerfusionError
 from .host import DIFFUSION_MODEL_WRAPPER
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "perfusion"
-
-
-class PerfusionError(ValueError):
-    """A concept cannot be applied to this model or CLIP; the message says why."""
 
 
 def cross_attention_layers(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -115,8 +114,9 @@ def current_sigma(transformer_options: dict) -> float | None:
     return None if sigmas is None else float(sigmas.detach().reshape(-1)[0])
 
 
-class LayerEdit:
-    """The tensors one sampling call needs, on the context's device, for the active concepts."""
+class ConceptTensors:
+    """What the hooks of one diffusion-model call need for the active concepts, on the context's device: the
+    stacked vectors of the gate (rank1.ConceptVectors), i_super, and each layer's targets; and the hooks."""
 
     def __init__(self, applied: list[AppliedConcept], exact: bool, device):
         concepts = [a.concept for a in applied]
@@ -134,6 +134,7 @@ class LayerEdit:
 
         def hook(module, inputs, output):
             x = inputs[0]
+            # module.forward, not module(...): calling the module would run this hook again.
             w_i_star = module.forward(self.vectors.i_star.to(x.dtype)[None])[0]
             return rank1.edit(output, x, w_i_star, targets, self.vectors).to(output.dtype)
         return hook
@@ -144,6 +145,7 @@ class LayerEdit:
         def hook(module, inputs, output):
             x = inputs[0]
             k = self.vectors.i_star.shape[0]
+            # module.forward, not module(...): calling the module would run this hook again.
             rows = module.forward(torch.cat([self.vectors.i_star, self.i_super]).to(x.dtype)[None])[0]
             w_i_star, locked = rows[:k], rows[k:]  # key-locking: o*_K = W_k i_super, through the live W_k
             targets = torch.stack([locked[a] if t is None else t.to(locked.dtype) for a, t in enumerate(trained)])
@@ -168,11 +170,11 @@ class PerfusionPatch:
             self._layers = (diffusion_model, cross_attention_layers(diffusion_model))
         return self._layers[1]
 
-    def layer_edit(self, active: tuple[int, ...], device) -> LayerEdit:
+    def tensors_for(self, active: tuple[int, ...], device) -> ConceptTensors:
         key = (active, str(device))
         if key not in self._cache:
             self._cache.clear()  # one entry is enough: the active set changes at most at a window edge
-            self._cache[key] = LayerEdit([self.applied[i] for i in active], self.exact, device)
+            self._cache[key] = ConceptTensors([self.applied[i] for i in active], self.exact, device)
         return self._cache[key]
 
     def __call__(self, executor, *args, **kwargs):
@@ -182,17 +184,23 @@ class PerfusionPatch:
         if not active:
             return executor(*args, **kwargs)
         context = args[2] if len(args) > 2 else kwargs["context"]
-        edit = self.layer_edit(active, context.device)
-        layers = self.layers_of(executor.class_obj)
-        handles = []
-        try:
-            for path in edit.values:
-                handles.append(layers[path].to_k.register_forward_hook(edit.key_hook(path)))
-                handles.append(layers[path].to_v.register_forward_hook(edit.value_hook(path)))
+        with hooks_installed(self.layers_of(executor.class_obj), self.tensors_for(active, context.device)):
             return executor(*args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
+
+
+@contextlib.contextmanager
+def hooks_installed(layers: dict[str, torch.nn.Module], tensors: ConceptTensors | None):
+    """The edit's forward hooks on every cross-attention to_k / to_v of `layers` while the block runs (for
+    training: through its backward pass too); no hooks for `None`."""
+    handles = []
+    try:
+        for path in (tensors.values if tensors is not None else ()):
+            handles.append(layers[path].to_k.register_forward_hook(tensors.key_hook(path)))
+            handles.append(layers[path].to_v.register_forward_hook(tensors.value_hook(path)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def applied_concepts(model) -> tuple[AppliedConcept, ...]:
@@ -201,7 +209,7 @@ def applied_concepts(model) -> tuple[AppliedConcept, ...]:
     return patches[0].applied if patches else ()
 
 
-def apply_concepts(model, concepts, strength: float = 1.0, beta: float = 0.70, tau: float = 0.15,
+def apply_concepts(model, concepts, strength: float = 1.0, beta: float = INFERENCE_BETA, tau: float = INFERENCE_TAU,
                    start_at: float = 0.0, end_at: float = 1.0, exact: bool = True):
     """A clone of `model` with `concepts` added to its joint Perfusion patch. The input stays untouched."""
     if tau <= 0 or not math.isfinite(tau):
@@ -216,17 +224,11 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = 0.70, t
         check_concept_fits(concept, model.model.diffusion_model, arch)
         check_numbers(concept)
     previous = applied_concepts(model)
-    names = [a.concept.name for a in previous] + [c.name for c in concepts]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise PerfusionError(f"Concept(s) {duplicates} applied twice to the same model. Apply each concept once; "
-                             "to change its settings, change the node that applies it.")
+    check_used_together([a.concept for a in previous] + list(concepts),
+                        "applied twice to the same model. Apply each concept once; to change its settings, change "
+                        "the node that applies it")
     if exact:
         check_separable([a.concept for a in previous] + list(concepts))
-    covariances = {a.concept.covariance for a in previous} | {c.covariance for c in concepts}
-    if len(covariances) > 1:
-        log.warning("Perfusion: combining concepts estimated with different covariances (%s); their gates are "
-                    "calibrated differently, so balance them with per-concept beta/strength.", sorted(covariances))
     sampling = model.get_model_object("model_sampling")
     sigma_start = math.inf if start_at <= 0 else float(sampling.percent_to_sigma(start_at))
     sigma_end = 0.0 if end_at >= 1 else float(sampling.percent_to_sigma(end_at))

@@ -1,4 +1,4 @@
-"""The gated rank-1 key/value edit of Perfusion (DESIGN.md §1 and §2), as plain tensor math.
+"""The gated rank-1 key/value edit of Perfusion (docs/method.md §1 and §2), as plain tensor math.
 
 For one projection W (a cross-attention to_k or to_v) and k concepts a = 1..k:
 

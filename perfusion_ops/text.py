@@ -11,7 +11,7 @@ import torch
 
 from .concept import Concept
 from .host import install_embedding_lookup
-from .patch import PerfusionError
+from .errors import PerfusionError
 
 # Tokenizer attribute of each text encoder; it equals the concept file's embedding key.
 ENCODER_ATTRIBUTES = ("clip_l", "clip_g", "clip_h")

@@ -4,13 +4,12 @@ Learned: the concept's word vector for every text encoder and o*_V of every cros
 Keys stay locked to the superclass (o*_K = W_k i_super) unless `train_keys` asks to learn them too (an
 ablation: o*_K per layer, started from W_k i_super, stored as the concept's `keys`). During training i* and
 i_super are exponential moving averages (0.99 per micro-batch) of the concept's and the superclass's encodings,
-started from the superclass; the file's i* is the finished word's own encoding (see train_concept).
+started from the superclass; the file's i* is the finished word's own encoding (docs/method.md §5).
 UNet and text-encoder weights never get gradients: `torch.autograd.grad` asks only for ours. The learned tensors,
 optimizer and loss are float32 whatever dtype the model runs in (perfusion_ops/precision.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -22,7 +21,9 @@ from . import host
 from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, TRAIN_BETA, TRAIN_TAU, Concept
 from .covariance import inverse, metric_vector
 from .precision import describe, loss_scale_for
-from .patch import AppliedConcept, LayerEdit, PerfusionError, cross_attention_layers, model_architecture
+from .errors import PerfusionError
+from .patch import AppliedConcept, ConceptTensors, cross_attention_layers, hooks_installed, model_architecture
+from .rank1 import gate
 from .text import clip_architecture, clip_with_word_vectors
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,15 @@ class _Photos:
     """The training latents (and their mirror images) with their loss weights, drawn in batches."""
 
     def __init__(self, unet, latents, masks, flipped_latents, flipped_masks):
-        self.images = unet.process_latent_in(latents.clone().float())
-        self.flipped = None if flipped_latents is None else unet.process_latent_in(flipped_latents.clone().float())
-        self.weights = _latent_masks(masks, self.images.shape)
-        self.flipped_weights = self.weights if flipped_masks is None else _latent_masks(flipped_masks, self.images.shape)
+        self.latents = unet.process_latent_in(latents.clone().float())
+        self.flipped_latents = None if flipped_latents is None else unet.process_latent_in(flipped_latents.clone().float())
+        self.weights = _latent_masks(masks, self.latents.shape)
+        self.flipped_weights = self.weights if flipped_masks is None else _latent_masks(flipped_masks, self.latents.shape)
 
     def batch(self, size: int, flip: bool, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(self.images.shape[0], (size,), generator=generator).tolist()
-        mirrored = ((torch.rand(size, generator=generator) < 0.5) & flip & (self.flipped is not None)).tolist()
-        x0 = torch.stack([(self.flipped if m else self.images)[i] for i, m in zip(index, mirrored)])
+        index = torch.randint(self.latents.shape[0], (size,), generator=generator).tolist()
+        mirrored = ((torch.rand(size, generator=generator) < 0.5) & flip & (self.flipped_latents is not None)).tolist()
+        x0 = torch.stack([(self.flipped_latents if m else self.latents)[i] for i, m in zip(index, mirrored)])
         weight = torch.stack([(self.flipped_weights if m else self.weights)[i] for i, m in zip(index, mirrored)])
         return x0, weight
 
@@ -145,20 +146,6 @@ def _denoising_loss(unet, sampling, x0, weight, context, pooled, generator):
     eps_prediction = (xt - x0_prediction) / sigma.view(-1, 1, 1, 1)
     loss = (((eps_prediction.float() - noise.float()) * weight.to(device)[:, None]) ** 2).mean()
     return loss, x0_prediction
-
-
-@contextlib.contextmanager
-def _edit_installed(layers, edit: LayerEdit | None):
-    """The Perfusion edit on every cross-attention to_k/to_v, kept through backward; none for `None`."""
-    handles = []
-    try:
-        for path, attn in (layers.items() if edit is not None else ()):
-            handles.append(attn.to_k.register_forward_hook(edit.key_hook(path)))
-            handles.append(attn.to_v.register_forward_hook(edit.value_hook(path)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class _Training:
@@ -214,13 +201,13 @@ class _Training:
                                                                     self.name, self.superclass)
         self.i_star = settings.ema * self.i_star + (1 - settings.ema) * concept_mean
         self.i_super = settings.ema * self.i_super + (1 - settings.ema) * super_mean
-        edit = None
+        tensors = None  # textual inversion: the word vector alone, no edit
         if settings.train_values or settings.train_keys:
             concept = _concept(self.name, self.superclass, self.arch, self.embeddings, self.i_star,
                                metric_vector(self.C_inv, self.i_star), self.i_super, self.values,
                                self.covariance_id, settings, [], keys=self.keys)
-            edit = LayerEdit([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, self.device)
-        with _edit_installed(self.layers, edit):
+            tensors = ConceptTensors([AppliedConcept(concept, 1.0, settings.beta, settings.tau)], True, self.device)
+        with hooks_installed(self.layers, tensors):
             loss, x0_prediction = _denoising_loss(self.unet, self.sampling, x0, weight, context.to(self.device),
                                                   pooled, self.generator)
             scaled = self.loss_scale.scaled(loss / settings.gradient_accumulation)
@@ -251,9 +238,15 @@ class _Training:
                 encodings.append(context[0, positions[0]])
         return torch.stack(encodings).mean(0).double().cpu()
 
-    def gate_inputs(self, i_star: torch.Tensor, u: torch.Tensor) -> list[float]:
-        """r = uᵀx / uᵀi* of the finished word in prompts it was not trained on (GATE_CHECK_PROMPTS)."""
-        return [own_gate_input(self.word_encoding([prompt]), i_star, u) for prompt in GATE_CHECK_PROMPTS]
+    def finished_gate(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """i*, u = C⁻¹ i* and r of the finished word in each prompt it was not trained on (GATE_CHECK_PROMPTS).
+
+        i* is the finished word's own mean encoding over the training templates, not the moving average of
+        training: the average lags a word vector that still moved near the end, which puts the word's gate
+        input r far from 1 and leaves the β/τ knob idle (docs/method.md §5)."""
+        i_star = self.word_encoding(TEMPLATES).float()
+        u = metric_vector(self.C_inv, i_star)
+        return i_star, u, [own_gate_input(self.word_encoding([prompt]), i_star, u) for prompt in GATE_CHECK_PROMPTS]
 
 
 def train_concept(model, clip, latents, name: str, superclass: str, covariance: torch.Tensor, covariance_id: str,
@@ -267,15 +260,9 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
     with `settings.train_keys` on the key targets are learned too instead of locked (an ablation).
     """
     import comfy.model_management as mm
-    arch = model_architecture(model)
-    if clip_architecture(clip) != arch:
-        raise PerfusionError(f"The CLIP ({clip_architecture(clip).upper()}) does not belong to this model ({arch.upper()}).")
-    if settings.gradient_accumulation < 1 or settings.batch_size < 1:
-        raise PerfusionError("batch_size and gradient_accumulation must be at least 1.")
-    token_ids = superclass_tokens(clip, superclass)
+    arch, token_ids = _checked_setup(model, clip, superclass, settings)
     C_inv = inverse(covariance)
     train_model, train_clip = trainable_clones(model, clip, settings.gradient_checkpointing)
-    losses = []
     try:
         with torch.inference_mode(False), torch.enable_grad():
             # No force_full_load: ComfyUI may load the UNet partially (lowvram) and cast weights at use.
@@ -287,17 +274,13 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
             log.info("Perfusion training '%s': %s", name, precision)
             if on_status is not None:
                 on_status(precision)
+            losses = []
             for step in range(settings.steps):
                 loss, x0_prediction = run.step()
                 losses.append(loss)
                 if on_step is not None:
                     on_step(step, loss, x0_prediction)
-            # i* is the finished word's own encoding, not the moving average of training: the average lags a
-            # word vector that still moved near the end, which puts the word's gate input r far from 1 and
-            # leaves the β/τ knob idle (see _check_gate_input).
-            i_star = run.word_encoding(TEMPLATES).float()
-            u = metric_vector(C_inv, i_star)
-            gate_inputs = run.gate_inputs(i_star, u)
+            i_star, u, gate_inputs = run.finished_gate()
         gate_input = sum(gate_inputs) / len(gate_inputs)
         _check_gate_input(name, gate_input, gate_inputs)
         if run.loss_scale.skipped:
@@ -311,6 +294,16 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
         host.unload(train_model, train_clip.patcher)
 
 
+def _checked_setup(model, clip, superclass: str, settings: TrainSettings) -> tuple[str, dict[str, int]]:
+    """The architecture and the superclass's token ids, or a PerfusionError saying what does not fit."""
+    arch = model_architecture(model)
+    if clip_architecture(clip) != arch:
+        raise PerfusionError(f"The CLIP ({clip_architecture(clip).upper()}) does not belong to this model ({arch.upper()}).")
+    if settings.gradient_accumulation < 1 or settings.batch_size < 1:
+        raise PerfusionError("batch_size and gradient_accumulation must be at least 1.")
+    return arch, superclass_tokens(clip, superclass)
+
+
 def own_gate_input(encoding: torch.Tensor, i_star: torch.Tensor, u: torch.Tensor) -> float:
     """r = uᵀx / uᵀi* for x = the concept word's own encoding: the gate input it gets at inference."""
     encoding, i_star, u = encoding.double().cpu(), i_star.double().cpu(), u.double().cpu()
@@ -322,9 +315,9 @@ def _check_gate_input(name: str, r: float, per_prompt: list[float]) -> None:
     over the training templates, so r is 1 on average there; in other prompts the word's encoding moves with its
     context, and the C⁻¹ metric weighs such moves heavily. When r is far from 1 in prompts the concept was not
     trained on, the gate is shut (r below β) or saturated (r well above 1) there, and β/τ barely act."""
-    gate = torch.sigmoid(torch.tensor((r - INFERENCE_BETA) / INFERENCE_TAU)).item()
+    opening = gate(torch.tensor(r), INFERENCE_BETA, INFERENCE_TAU).item()
     log.info("Perfusion: '%s' gate input on its own word in new prompts r = %.2f (%.2f to %.2f; gate %.2f at beta "
-             "%.2f, tau %.2f)", name, r, min(per_prompt), max(per_prompt), gate, INFERENCE_BETA, INFERENCE_TAU)
+             "%.2f, tau %.2f)", name, r, min(per_prompt), max(per_prompt), opening, INFERENCE_BETA, INFERENCE_TAU)
     if abs(r - 1.0) > GATE_INPUT_TOLERANCE:
         log.warning("Perfusion: '%s' has gate input r = %.2f on its own word in prompts it was not trained on, far "
                     "from 1, so beta and tau will barely change it there. Train with more varied photos, or lower "

@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the tiny checkpoint, once per session
 
 def tiny_checkpoint_file(tmp_path_factory) -> Path:
-    """tools/tiny_checkpoint.py's random SD1.5-format checkpoint, written once per test session (~10 s)."""
+    """support/tiny_checkpoint.py's random SD1.5-format checkpoint, written once per test session (~10 s)."""
     path = tmp_path_factory.getbasetemp() / "tiny_checkpoint" / CHECKPOINT_NAME
     if not path.is_file():
-        from tiny_checkpoint import write_tiny_checkpoint  # tools/ is on pythonpath; needs the booted host
+        from support.tiny_checkpoint import write_tiny_checkpoint  # needs the booted host
         started = time.monotonic()
         write_tiny_checkpoint(path, seed=0)
         log.info("tiny checkpoint written in %.1f s: %s", time.monotonic() - started, path)

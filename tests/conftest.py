@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import comfy_host  # tools/ is on pytest's pythonpath (pyproject.toml)
-
 REPO = Path(__file__).resolve().parents[1]
+# At the end of sys.path: ComfyUI's checkout goes first, so the pack's nodes/ never shadows ComfyUI's nodes.
+sys.path.append(str(REPO))
+from support import comfy_host  # noqa: E402
 
 HOST = comfy_host.find_comfyui(REPO)
 HOST_NAME = comfy_host.selected_host().name
@@ -27,7 +28,7 @@ NO_HOST_LINE = (f"!!! NO COMFYUI HOST FOUND ({HOST_NAME}): every test that needs
 
 if HOST is None and os.environ.get("PERFUSION_REQUIRE_HOST") == "1":
     raise pytest.UsageError(f"PERFUSION_REQUIRE_HOST=1 but no ComfyUI host was found for {HOST_NAME} "
-                            f"(see `python tools/comfy_host.py --host {HOST_NAME}`)")
+                            f"(see `python support/comfy_host.py --host {HOST_NAME}`)")
 if HOST is not None:
     PACK = comfy_host.boot(HOST)
     logging.getLogger().setLevel(logging.WARNING)
@@ -36,8 +37,6 @@ if HOST is not None:
     for name, module in list(sys.modules.items()):
         if name == prefix or name.startswith(prefix + "."):
             sys.modules["perfusion_ops" + name[len(prefix):]] = module
-else:
-    sys.path.append(str(REPO))
 
 
 def pytest_report_header(config):

@@ -1,4 +1,4 @@
-"""An independent float64 implementation of DESIGN.md §1-§2, and helpers to probe every cross-attention layer."""
+"""An independent float64 implementation of docs/method.md §1-§2, and helpers to probe every cross-attention layer."""
 from __future__ import annotations
 
 import torch

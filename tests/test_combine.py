@@ -1,4 +1,4 @@
-"""Several concepts on one model (DESIGN.md §2): the joint patch, the Combine node and chained apply nodes.
+"""Several concepts on one model (docs/method.md §2): the joint patch, the Combine node and chained apply nodes.
 
 - Every cross-attention to_k / to_v output agrees with an independent float64 reference of §2 for 2, 3 and 8
   concepts, exact and approximate, both for one set with shared settings and for chained per-concept settings.
@@ -15,7 +15,7 @@ import torch
 
 from reference import (ProjectionProbe, adm_for, random_concept, reference_projection, reference_settings,
                        run_unet, weights_of)
-from tiny_models import register_test_nodes, tiny_clip, tiny_model
+from support.tiny_models import register_test_nodes, tiny_clip, tiny_model
 
 pytestmark = pytest.mark.host
 
@@ -180,33 +180,35 @@ def test_exact_mode_stays_accurate_for_an_ill_conditioned_gram_matrix(sd1):
     assert errors[worst] < 1e-5, f"{worst}: relative error {errors[worst]:.2e}"
 
 
-def test_concepts_with_the_same_direction_fail_clearly_or_not_at_all(sd1):
-    from perfusion_ops.patch import PerfusionError, apply_concepts
+def test_concepts_with_the_same_direction_are_refused_by_name_in_exact_mode_and_work_approximately(sd1):
+    """Two concepts with one i* make G singular: exact mode refuses them, naming both; approximate mode, which
+    needs no G, applies them and stays finite."""
+    from perfusion_ops.errors import PerfusionError
+    from perfusion_ops.patch import apply_concepts
     arch, model, clip, context, pooled = sd1
     a = coupled_concepts(model, arch, context, 1)[0]
     twin = a.replace(name="twin")  # e.g. a copy of a concept file saved under another name
-    try:
-        patched = apply_concepts(model, [a, twin], exact=True)
-    except PerfusionError as e:
-        assert "twin" in str(e) and a.name in str(e)
-        return
-    assert torch.isfinite(probe_run(patched, sd1)[0]).all()
+    with pytest.raises(PerfusionError, match="linearly dependent") as refused:
+        apply_concepts(model, [a, twin], exact=True)
+    assert "twin" in str(refused.value) and a.name in str(refused.value) and "approximate" in str(refused.value)
+    assert torch.isfinite(probe_run(apply_concepts(model, [a, twin], exact=False), sd1)[0]).all()
 
 
-def test_linearly_dependent_concepts_fail_clearly_or_not_at_all(sd1):
-    from perfusion_ops.patch import PerfusionError, apply_concepts
+def test_linearly_dependent_concepts_are_refused_by_name_in_exact_mode_and_work_approximately(sd1):
+    """A third concept whose i* lies in the span of two others (yet is like neither) makes G singular: exact mode
+    refuses the set naming it; approximate mode applies it without any projection blowing up."""
+    from perfusion_ops.errors import PerfusionError
+    from perfusion_ops.patch import apply_concepts
     arch, model, clip, context, pooled = sd1
     a, b = random_concept(model, arch, "a", seed=40, context=context, position=1), \
         random_concept(model, arch, "b", seed=41, context=context, position=2)
-    i_mix = (a.i_star + b.i_star) / 2  # in the span of the other two, yet like neither of them
+    i_mix = (a.i_star + b.i_star) / 2
     mix = random_concept(model, arch, "mix", seed=42, context=context).replace(
         i_star=i_mix, u=covariance_inverse_times(context, i_mix[None], 0.01)[0].float())
-    try:
-        patched = apply_concepts(model, [a, b, mix], exact=True)
-    except PerfusionError as e:
-        assert "mix" in str(e)
-        return
-    # Or the edit copes: no projection blows up (sane sets of 8 coupled concepts stay below 1x the plain size).
+    with pytest.raises(PerfusionError, match="linearly dependent") as refused:
+        apply_concepts(model, [a, b, mix], exact=True)
+    assert "mix" in str(refused.value)
+    patched = apply_concepts(model, [a, b, mix], exact=False)
     _, plain = probe_run(model, sd1)
     _, edited = probe_run(patched, sd1)
     growth = max(float(edited.records[k][1].norm() / plain.records[k][1].norm()) for k in plain.records)
@@ -322,7 +324,8 @@ def test_each_concepts_token_opens_its_own_gate_only(sd1):
 # ---------------------------------------------------------------- errors and warnings
 
 def test_the_same_concept_twice_is_refused(sd1):
-    from perfusion_ops.patch import PerfusionError, apply_concepts
+    from perfusion_ops.errors import PerfusionError
+    from perfusion_ops.patch import apply_concepts
     arch, model, clip, context, pooled = sd1
     a, b = separated_concepts(model, arch, context, 2)
     with pytest.raises(PerfusionError, match=r"\['s0'\] applied twice"):
@@ -442,7 +445,7 @@ def base_graph(files):
 
 
 def test_nodes_chained_apply_equals_combine_and_the_concepts_take_effect(graph_nodes):
-    from comfy_runner import run_prompt
+    from support.comfy_runner import run_prompt
     concepts_on_prompt_tokens(graph_nodes)
     graph = base_graph({"a": "a.safetensors", "b": "b.safetensors"})
     graph["combine"] = {"class_type": "PerfusionCombineConcepts",
@@ -481,7 +484,7 @@ def test_nodes_chained_apply_equals_combine_and_the_concepts_take_effect(graph_n
 
 
 def test_nodes_refuse_a_concept_twice_and_mixed_architectures(graph_nodes):
-    from comfy_runner import run_prompt, run_prompt_expecting_error
+    from support.comfy_runner import run_prompt, run_prompt_expecting_error
     from perfusion_ops.concept_file import write_concept
     sd1_model, sdxl_model = models("sd1")[1], tiny_model("sdxl")
     write_concept(random_concept(sd1_model, "sd1", "a", seed=1, context=torch.randn(1, 4, 768), position=0),

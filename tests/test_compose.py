@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import ProjectionProbe, random_concept, reference_projection, reference_settings, weights_of
-from tiny_models import CPU, init_random, tiny_clip, tiny_model
+from support.tiny_models import CPU, init_random, tiny_clip, tiny_model
 
 pytestmark = pytest.mark.host
 

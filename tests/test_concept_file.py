@@ -1,4 +1,4 @@
-"""The concept file, format 1 (DESIGN.md §3): round trips, every refusal, and the atomic write.
+"""The concept file, format 1 (docs/method.md §6): round trips, every refusal, and the atomic write.
 
 Pure torch + safetensors: no ComfyUI needed. Bad files are built here from the documented format,
 independently of the writer, so the reader is tested against the contract rather than against itself.
@@ -30,7 +30,7 @@ def _attn2(block: str, depth: int) -> list[str]:
     return [f"{block}.transformer_blocks.{j}.attn2" for j in range(depth)]
 
 
-# The real cross-attention layers and their widths (comfyui-host.md §1.4).
+# The real cross-attention layers of ComfyUI's SD1.5 and SDXL UNets and their widths.
 SD_LAYERS = {  # SD1.5 and SD2.x share the layout
     **{name: w for i, w in [(1, 320), (2, 320), (4, 640), (5, 640), (7, 1280), (8, 1280)]
        for name in _attn2(f"input_blocks.{i}.1", 1)},
@@ -167,7 +167,7 @@ def test_module_does_not_import_comfyui():
 # ---------------------------------------------------------------- refusals
 
 def parts(concept: Concept | None = None) -> tuple[dict, dict]:
-    """The tensors and metadata of a valid file, built from DESIGN.md §3 rather than by the writer."""
+    """The tensors and metadata of a valid file, built from docs/method.md §6 rather than by the writer."""
     c = concept or small_sd1()
     tensors = {f"embedding.{k}": v.clone() for k, v in c.embeddings.items()}
     tensors.update({k: getattr(c, k).clone() for k in ("i_star", "u", "i_super")})

@@ -11,7 +11,7 @@ anything but the loopback server is refused.
 For each file in workflows/ the test drops it on the editor as a user would (a file drop), then checks in
 the editor's graph that no node type is missing (no placeholder nodes, no "missing nodes" dialog) and that
 no widget value is out of its options or range, and that the prompt the editor would queue
-(app.graphToPrompt) is the one tools/workflow_api.py builds. A deliberately broken copy (an unknown node
+(app.graphToPrompt) is the one support/workflow_api.py builds. A deliberately broken copy (an unknown node
 type, a concept file that does not exist, a step count below its minimum) proves those checks catch each
 fault. It hovers every input of every Perfusion node and reads the tooltip the editor shows, which must be
 the node's own tooltip from /object_info (and the node's description over its title). It takes a
@@ -35,7 +35,7 @@ import pytest
 
 from comfy_server import LOOPBACK, REPO, ComfyServer, tiny_checkpoint_file
 from run_workflow import write_placeholder_photos
-from workflow_api import ui_to_api
+from support.workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def test_every_shipped_workflow_loads_with_known_nodes_and_accepted_values(edito
         strip = lambda prompt: {k: {"class_type": v["class_type"], "inputs": v["inputs"]}  # noqa: E731
                                 for k, v in prompt.items()}
         if strip(editor.editor_prompt()) != strip(ui_to_api(workflow, object_info)):
-            failures.append(f"{path.name}: the prompt the editor queues differs from tools/workflow_api.py's: "
+            failures.append(f"{path.name}: the prompt the editor queues differs from support/workflow_api.py's: "
                             f"{strip(editor.editor_prompt())} != {strip(ui_to_api(workflow, object_info))}")
 
         editor.close_dialogs()

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from conftest import REPO
-from tiny_models import ARCHS, sample, tiny_clip, tiny_model
+from support.tiny_models import ARCHS, sample, tiny_clip, tiny_model
 
-NODE_IDS = {"PerfusionLoadConcept", "PerfusionSaveConcept", "PerfusionApplyConcept", "PerfusionCombineConcepts"}
+NODE_IDS = {"PerfusionLoadConcept", "PerfusionSaveConcept", "PerfusionApplyConcept", "PerfusionCombineConcepts",
+            "PerfusionTrainConcept", "PerfusionLoadPhotos"}  # every node of the pack (checked below)
 
 
 @pytest.mark.host
 def test_pack_registers_its_nodes_through_comfyui_loader(pack):
     import nodes
     assert pack is not None and hasattr(pack, "comfy_entrypoint")
-    assert NODE_IDS <= set(nodes.NODE_CLASS_MAPPINGS)
+    registered = {node_id for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items() if cls.__module__.startswith(pack.__name__)}
+    assert registered == NODE_IDS, "every node of the pack is checked here, and only those"
     for node_id in NODE_IDS:
         schema = nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
         assert schema.description, node_id
@@ -44,8 +46,8 @@ def test_tiny_models_sample_two_steps_to_finite_latents(arch):
 
 @pytest.mark.host
 def test_executor_runs_a_graph_of_stock_nodes():
-    from comfy_runner import run_prompt
-    from tiny_models import register_test_nodes
+    from support.comfy_runner import run_prompt
+    from support.tiny_models import register_test_nodes
     register_test_nodes()
     prompt = {
         "1": {"class_type": "PerfusionTestTinyCheckpoint", "inputs": {"arch": "sd1", "seed": 0, "weight_std": 0.02}},

@@ -10,7 +10,7 @@ import inspect
 import pytest
 import torch
 
-from tiny_models import tiny_clip, tiny_model
+from support.tiny_models import tiny_clip, tiny_model
 
 pytestmark = pytest.mark.host
 
@@ -124,11 +124,11 @@ def test_compute_dtype_and_progress_text():
 
 
 def test_the_stock_loader_detects_the_tiny_checkpoint_as_sd15(tmp_path):
-    """tools/tiny_checkpoint.py writes a checkpoint that comfy.sd.load_checkpoint_guess_config (the stock
+    """support/tiny_checkpoint.py writes a checkpoint that comfy.sd.load_checkpoint_guess_config (the stock
     CheckpointLoaderSimple) detects as SD1.5 on this host, with its CLIP and VAE."""
     import comfy.sd
     import comfy.supported_models
-    from tiny_checkpoint import write_tiny_checkpoint
+    from support.tiny_checkpoint import write_tiny_checkpoint
     path = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
     assert type(model.model.model_config) is comfy.supported_models.SD15, type(model.model.model_config)

@@ -1,4 +1,4 @@
-"""The Load, Save and Apply nodes through ComfyUI's own executor, with real graphs (DESIGN.md §3-§4).
+"""The Load, Save and Apply nodes through ComfyUI's own executor, with real graphs.
 
 Graphs run in-process (comfy_runner) on tiny random models from the test-only loader node. Latents are
 taken out of a graph by a test-only output node that stores its input in CAPTURED.
@@ -16,9 +16,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_runner import run_prompt, run_prompt_expecting_error
+from support.comfy_runner import run_prompt, run_prompt_expecting_error
 from reference import random_concept
-from tiny_models import register_test_nodes, tiny_clip, tiny_model
+from support.tiny_models import register_test_nodes, tiny_clip, tiny_model
 
 pytestmark = pytest.mark.host
 

@@ -4,7 +4,7 @@ import torch
 
 from reference import (ProjectionProbe, adm_for, random_concept, reference_projection, reference_settings,
                        run_unet, weights_of)
-from tiny_models import ARCHS, sample, tiny_clip, tiny_model
+from support.tiny_models import ARCHS, sample, tiny_clip, tiny_model
 
 pytestmark = pytest.mark.host
 
@@ -23,7 +23,7 @@ def setup(request):
 
 
 def check_against_reference(probe, concepts_settings, exact=True, weights=None, rel_tol=1e-5):
-    """Every recorded to_k/to_v output equals the float64 reference of DESIGN §1-2."""
+    """Every recorded to_k/to_v output equals the float64 reference of docs/method.md §1-2."""
     assert probe.records, "the probe saw no cross-attention call"
     for (path, kind), (x, out) in probe.records.items():
         W = weights[(path, kind)] if weights else None
@@ -132,6 +132,7 @@ def test_lora_on_the_same_weights_composes_exactly(setup, lowvram):
     concept = random_concept(model, arch, "sks", seed=6, context=context)
     patched = apply_concepts(with_lora, [concept], 1.0, 0.7, 0.15)
     comfy.model_management.unload_all_models()  # patch by hand below, as a loader would, from a clean state
+    original = {name: weight.clone() for name, weight in model.model.diffusion_model.state_dict().items()}
     patched.patch_model(lowvram_model_memory=1 if lowvram else 0)
     try:
         if lowvram:
@@ -143,39 +144,49 @@ def test_lora_on_the_same_weights_composes_exactly(setup, lowvram):
     finally:
         patched.unpatch_model()
     check_against_reference(probe, [(concept, 1.0, 0.7, 0.15)], weights=merged)
-    # Restore is exact: the shared weights are the original ones again.
-    for (path, kind), W in weights_of(model).items():
-        assert not torch.allclose(W.double(), merged[(path, kind)])
+    # Restore is exact: every weight of the shared UNet is bit for bit what it was before patching.
+    after = model.model.diffusion_model.state_dict()
+    assert sorted(after) == sorted(original)
+    changed = [name for name, weight in after.items() if not torch.equal(weight, original[name])]
+    assert not changed, f"not restored exactly: {changed[:5]}"
 
 
 def test_edit_still_applies_under_another_packs_attn2_replace(setup):
+    """An attn2 replace patch (IPAdapter-style packs) gets, in every layer, exactly the edited keys and values."""
     import comfy.ldm.modules.attention as attention
     from perfusion_ops.patch import apply_concepts, cross_attention_layers
     arch, model, clip, context, pooled = setup
-    seen = []
+    seen = {}
 
     def replace(q, k, v, extra_options):  # what IPAdapter-style packs install
-        seen.append((k.clone(), v.clone()))
+        seen[(tuple(extra_options["block"]), extra_options["block_index"])] = (k.clone(), v.clone())
         return attention.optimized_attention(q, k, v, extra_options["n_heads"])
 
-    other = model.clone()
-    for path in cross_attention_layers(model.model.diffusion_model):
+    def replace_key(path):  # the (block, index) a replace patch of this layer is registered and called under
         parts = path.split(".")
         block = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
-        number = int(parts[1]) if block != "middle" else 0
-        other.set_model_attn2_replace(replace, block, number, int(parts[-2]))
+        return (block, int(parts[1]) if block != "middle" else 0), int(parts[-2])
+
+    other = model.clone()
+    layers = cross_attention_layers(model.model.diffusion_model)
+    for path in layers:
+        (block, number), index = replace_key(path)
+        other.set_model_attn2_replace(replace, block, number, index)
     concept = random_concept(model, arch, "sks", seed=7, context=context)
     patched = apply_concepts(other, [concept])
     probe = ProjectionProbe()
     run_unet(patched, context, probe=probe, y=adm_for(model, clip, pooled))
-    assert len(seen) == len(cross_attention_layers(model.model.diffusion_model))
+    assert sorted(seen) == sorted(replace_key(path) for path in layers)
     check_against_reference(probe, [(concept, 1.0, 0.7, 0.15)], weights=weights_of(model))
-    recorded_k = {out.shape: out for (p, kind), (x, out) in probe.records.items() if kind == "to_k"}
-    assert any(torch.equal(k, recorded_k.get(k.shape)) for k, v in seen)
+    for path in layers:  # the replace patch attended with the edited projections of its own layer
+        k, v = seen[replace_key(path)]
+        assert torch.equal(k, probe.records[(path, "to_k")][1]), path
+        assert torch.equal(v, probe.records[(path, "to_v")][1]), path
 
 
 def test_concept_for_another_architecture_is_refused_by_name():
-    from perfusion_ops.patch import PerfusionError, apply_concepts
+    from perfusion_ops.errors import PerfusionError
+    from perfusion_ops.patch import apply_concepts
     from perfusion_ops.text import clip_with_concepts
     sd1, sdxl = tiny_model("sd1"), tiny_model("sdxl")
     concept = random_concept(sd1, "sd1", "sks")
@@ -186,7 +197,8 @@ def test_concept_for_another_architecture_is_refused_by_name():
 
 
 def test_concept_for_a_different_layer_layout_is_refused():
-    from perfusion_ops.patch import PerfusionError, apply_concepts
+    from perfusion_ops.errors import PerfusionError
+    from perfusion_ops.patch import apply_concepts
     model = tiny_model("sd1")
     concept = random_concept(model, "sd1", "sks")
     values = dict(concept.values)

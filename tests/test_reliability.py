@@ -47,7 +47,7 @@ def sd1():
     embedding:<NAME> in PROMPT, so that token opens the gate while sampling (as in test_nodes_io.py)."""
     from perfusion_ops.text import clip_with_concepts
     from reference import random_concept
-    from tiny_models import tiny_clip, tiny_model
+    from support.tiny_models import tiny_clip, tiny_model
     model, clip = tiny_model("sd1", std=0.2), tiny_clip("sd1", embedding_directory=[])
     words = random_concept(model, "sd1", NAME, seed=1)
     words_clip = clip_with_concepts(clip, [words])
@@ -156,7 +156,7 @@ HOSTILE = {
 def _apply_and_sample(model, clip, concepts, **settings):
     from perfusion_ops.patch import apply_concepts
     from perfusion_ops.text import clip_with_concepts
-    from tiny_models import sample
+    from support.tiny_models import sample
     patched = apply_concepts(model, concepts, **settings)
     return sample(patched, clip_with_concepts(clip, concepts), PROMPT, seed=3)
 
@@ -175,7 +175,7 @@ def _file_bytes(concept) -> bytes:
 @pytest.mark.host
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_concept_is_refused_or_sampled_finite(sd1, sane_norm, case, caplog):
-    from perfusion_ops.patch import PerfusionError
+    from perfusion_ops.errors import PerfusionError
     model, clip, concept = sd1
     change, outcome, needles = HOSTILE[case]
     hostile = concept.replace(**change(concept))
@@ -221,7 +221,8 @@ def test_u_scale_does_not_change_the_edit(sd1):
                                             ("beta", float("inf")), ("strength", float("inf")),
                                             ("tau", float("nan")), ("tau", 0.0)])
 def test_non_finite_settings_are_refused(sd1, setting, value):
-    from perfusion_ops.patch import PerfusionError, apply_concepts
+    from perfusion_ops.errors import PerfusionError
+    from perfusion_ops.patch import apply_concepts
     model, clip, concept = sd1
     with pytest.raises(PerfusionError, match=setting):
         apply_concepts(model, [concept], **{setting: value})
@@ -237,7 +238,7 @@ def test_extreme_but_finite_settings_sample_finite(sd1, setting, value):
 @pytest.mark.host
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "approximate"])
 def test_nearly_orthogonal_concept_among_others_samples_finite(sd1, exact, caplog):
-    from perfusion_ops.patch import PerfusionError
+    from perfusion_ops.errors import PerfusionError
     from reference import random_concept
     model, clip, concept = sd1
     other = random_concept(model, "sd1", "other", seed=7)
@@ -402,7 +403,7 @@ def test_leftover_of_a_killed_save_is_not_offered_and_does_not_disturb_saving(ki
 
     import folder_paths
     import nodes
-    from comfy_runner import run_prompt
+    from support.comfy_runner import run_prompt
     _, leftover, _ = killed_save
     (perfusion_dir / "mine").mkdir()
     shutil.copy(leftover, perfusion_dir / "mine" / leftover.name)
@@ -428,7 +429,7 @@ def test_interrupted_covariance_cache_write_leaves_no_file(tmp_path, monkeypatch
     """The train node caches the covariance it estimates; an interrupt while saving it leaves nothing behind,
     and the next run estimates and caches it again."""
     from perfusion_ops import covariance
-    from tiny_models import tiny_clip
+    from support.tiny_models import tiny_clip
     corpus = covariance.load_corpus()[:8]
     monkeypatch.setattr(covariance, "load_corpus", lambda path=covariance.CORPUS: list(corpus))
     clip = tiny_clip("sd1")
@@ -452,7 +453,7 @@ def test_damaged_covariance_cache_entry_is_estimated_again(tmp_path, monkeypatch
     the train node warns, estimates the covariance again and replaces the entry."""
     import safetensors.torch
     from perfusion_ops import covariance
-    from tiny_models import tiny_clip
+    from support.tiny_models import tiny_clip
     corpus = covariance.load_corpus()[:8]
     monkeypatch.setattr(covariance, "load_corpus", lambda path=covariance.CORPUS: list(corpus))
     clip = tiny_clip("sd1")

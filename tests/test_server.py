@@ -1,9 +1,9 @@
 """Issue 7: the shipped workflows through the real ComfyUI server, concurrency, cancel, and a clean base model.
 
 A real `main.py` runs on a loopback port with only this pack among its custom nodes (tests/comfy_server.py)
-over the tiny random SD1.5-format checkpoint of tools/tiny_checkpoint.py (its images are noise). The
+over the tiny random SD1.5-format checkpoint of support/tiny_checkpoint.py (its images are noise). The
 shipped workflows (workflows/*.json, the editor's format) are converted to API prompts with
-tools/workflow_api.py and the server's own /object_info; the test changes only what it must (checkpoint,
+support/workflow_api.py and the server's own /object_info; the test changes only what it must (checkpoint,
 photo folder, concept names and files, a few steps, 64 px images, a covariance file instead of estimating
 one over the whole caption corpus on CPU) and posts them to /prompt. Then:
 
@@ -40,7 +40,7 @@ import torch
 from comfy_server import (CHECKPOINT_NAME, REPO, ComfyServer, Events, output_files, require_success,
                           tiny_checkpoint_file)
 from run_workflow import write_placeholder_photos
-from workflow_api import nodes_of_type, ui_to_api
+from support.workflow_api import nodes_of_type, ui_to_api
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
+from support.tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
 
 pytestmark = pytest.mark.host
 
@@ -186,7 +186,7 @@ def test_the_files_i_star_is_the_finished_words_encoding_and_its_gate_input_in_n
 
 
 def test_superclass_of_several_tokens_is_refused_clearly():
-    from perfusion_ops.patch import PerfusionError
+    from perfusion_ops.errors import PerfusionError
     from perfusion_ops.train import superclass_tokens
     clip = tiny_clip("sd1")
     assert len(superclass_tokens(clip, "teddy")) == 1
@@ -234,7 +234,7 @@ def train_graph(name, steps, masks=True, save=True, arch="sd1", dtype="float32",
 def test_train_save_load_apply_through_the_executor(arch, perfusion_dir, small_corpus, tmp_path, monkeypatch):
     import folder_paths
     import nodes
-    from comfy_runner import run_prompt
+    from support.comfy_runner import run_prompt
     from perfusion_ops.concept_file import read_concept
     register_test_nodes()
     nodes.NODE_CLASS_MAPPINGS["PerfusionTestPhotos"] = PhotoBatch
@@ -265,11 +265,20 @@ def test_train_save_load_apply_through_the_executor(arch, perfusion_dir, small_c
     }
     executor, outputs = run_prompt(graph)
     assert outputs["12"]["images"]
-    clip = tiny_clip(arch, embedding_directory=[])
+    # The CLIP the apply node returns reads embedding:hugsy as the saved word vectors, exactly as ComfyUI's own
+    # textual-inversion loader reads them from an embedding file; and the word moved away from the superclass's.
+    import safetensors.torch
     from perfusion_ops.text import clip_with_concepts
-    text = "a photo of embedding:hugsy"
-    patched = clip_with_concepts(clip, [concept])
-    assert not torch.equal(patched.encode_from_tokens(patched.tokenize(text)), clip.encode_from_tokens(clip.tokenize(text)))
+    embedding_folder = tmp_path / "embeddings"
+    embedding_folder.mkdir()
+    safetensors.torch.save_file({encoder: vector.contiguous() for encoder, vector in concept.embeddings.items()},
+                                str(embedding_folder / "hugsy.safetensors"))
+    encoded = lambda clip, text: clip.encode_from_tokens(clip.tokenize(text))  # noqa: E731
+    ours = encoded(clip_with_concepts(tiny_clip(arch, embedding_directory=[]), [concept]), "a photo of embedding:hugsy")
+    hosts = encoded(tiny_clip(arch, embedding_directory=[str(embedding_folder)]), "a photo of embedding:hugsy")
+    assert torch.equal(ours, hosts)
+    superclass = encoded(tiny_clip(arch, embedding_directory=[]), "a photo of teddy")
+    assert ours.shape == superclass.shape and not torch.allclose(ours, superclass)
 
 
 def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus, tmp_path, monkeypatch):
@@ -277,7 +286,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     import comfy.utils
     import folder_paths
     import nodes
-    from comfy_runner import cached_outputs, new_executor
+    from support.comfy_runner import cached_outputs, new_executor
     import execution
     import asyncio
     register_test_nodes()
@@ -311,7 +320,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
 def test_train_node_refuses_bad_input_clearly():
     """No images, masks that do not match, a bad name, a model without cross-attention: clear errors."""
     import nodes
-    from perfusion_ops.patch import PerfusionError
+    from perfusion_ops.errors import PerfusionError
     node = nodes.NODE_CLASS_MAPPINGS["PerfusionTrainConcept"]
     model, clip, vae = tiny_model("sd1"), tiny_clip("sd1"), tiny_vae()
     images = torch.rand(2, 64, 64, 3)

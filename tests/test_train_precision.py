@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_train import PhotoBatch, load_photos, train_graph
-from tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
+from support.tiny_models import register_test_nodes, tiny_clip, tiny_model, tiny_vae
 
 pytestmark = pytest.mark.host
 
@@ -73,7 +73,7 @@ def test_training_through_the_executor_on_float16_and_bfloat16_models_learns_wha
     also rounds the text encodings the word vector learns from)."""
     import folder_paths
     import nodes
-    from comfy_runner import run_prompt
+    from support.comfy_runner import run_prompt
     from perfusion_ops.concept_file import read_concept
     from perfusion_ops.covariance import cached_covariance
     from perfusion_ops.train import TrainSettings, train_concept

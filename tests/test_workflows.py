@@ -1,6 +1,6 @@
 """The shipped workflows: editor format, up to date with the nodes, and executed by ComfyUI's executor.
 
-Each file in workflows/ is converted to the API form (tools/workflow_api.py) and run in-process on tiny
+Each file in workflows/ is converted to the API form (support/workflow_api.py) and run in-process on tiny
 models: the stock checkpoint loader is swapped for the test-only tiny loader (same MODEL, CLIP, VAE
 outputs), everything else runs as shipped, with fewer steps and small images. The README's headless
 command is run as written, on a fresh output folder.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from tiny_models import register_test_nodes
-from workflow_api import WorkflowError, nodes_of_type, object_info_in_process, ui_to_api, widget_values_by_name
+from support.tiny_models import register_test_nodes
+from support.workflow_api import WorkflowError, nodes_of_type, object_info_in_process, ui_to_api, widget_values_by_name
 
 pytestmark = pytest.mark.host
 
@@ -159,7 +159,7 @@ def _saved_images(outputs: dict, output_dir: Path) -> list[Path]:
 
 def test_every_shipped_workflow_runs_in_comfyuis_executor_on_tiny_models(perfusion_dir, photo_folder, small_corpus):
     import folder_paths
-    from comfy_runner import run_prompt
+    from support.comfy_runner import run_prompt
     register_test_nodes()
     output_dir = Path(folder_paths.get_output_directory())
     ran = set()

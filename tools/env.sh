@@ -1,6 +1,6 @@
 # Sourced by tools/test.sh and tools/run.sh: the development environment of one ComfyUI host.
 # - PERFUSION_HOST picks the host: minimum (ComfyUI v0.3.64, the default) or current (v0.33.0); see
-#   tools/comfy_host.py for where each is found (COMFYUI_PATH / COMFYUI_CURRENT_PATH or the user cache).
+#   support/comfy_host.py for where each is found (COMFYUI_PATH / COMFYUI_CURRENT_PATH or the user cache).
 # - each host has its own virtual environment in the user cache: requirements-dev.txt plus what that host
 #   needs (tools/requirements-v0.3.64.txt, or the current host's own requirements.txt with its frontend,
 #   comfy-kitchen and comfy-aimdo), with torch held at tools/constraints.txt.
@@ -16,8 +16,8 @@ case "$PERFUSION_HOST" in
   *) echo "[setup] PERFUSION_HOST must be minimum or current, not '$PERFUSION_HOST'" >&2; return 2 2>/dev/null || exit 2 ;;
 esac
 
-if host=$("$python" "$root/tools/comfy_host.py" --provide); then
-  host_requirements=$("$python" "$root/tools/comfy_host.py" --requirements)
+if host=$("$python" "$root/support/comfy_host.py" --provide); then
+  host_requirements=$("$python" "$root/support/comfy_host.py" --requirements)
 else
   host=""
   host_requirements=""

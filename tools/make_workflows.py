@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-from workflow_api import object_info_in_process, widget_layout  # noqa: E402
+sys.path.append(str(REPO))  # support/, after ComfyUI (support/__init__.py says why)
+from support.workflow_api import object_info_in_process, widget_layout  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
@@ -98,6 +98,40 @@ class Graph:
                     done.add(node["id"])
 
 
+# The note at the top left of each workflow: what to do, in the user's words.
+TRAIN_NOTE = (
+    "TRAIN A CONCEPT\n\n"
+    "1. Put 3-10 photos of your concept (different views and backgrounds, the concept filling much of "
+    f"the frame) in ComfyUI/input/{CONCEPT}/ and choose that folder in 'Perfusion Load Photos'.\n"
+    "2. Choose an SD1.x, SD2.x or SDXL checkpoint (for SDXL set size and resolution to 1024).\n"
+    "3. In 'Perfusion Train Concept' set name (the word you will write as embedding:<name>) and "
+    "superclass (one common word: teddy, cat, pot, sculpture).\n"
+    "4. Queue. The concept is saved to ComfyUI/models/perfusion/<name>_00001.safetensors (tens of KB), "
+    "a test image is drawn with it, and the loss curve is saved.\n\n"
+    "Optional masks (white = the concept): one per photo, same file names, in "
+    f"input/{CONCEPT}/mask/. They are used when the folder is there.")
+
+GENERATE_NOTE = (
+    "GENERATE WITH A CONCEPT\n\n"
+    "1. Choose the checkpoint the concept was trained on, and the concept file (from "
+    "ComfyUI/models/perfusion/).\n"
+    "2. Write the concept in the prompt as embedding:<name>, like a word: 'a photo of "
+    f"embedding:{CONCEPT} on the beach'. Use the CLIP that comes out of 'Perfusion Apply Concept'.\n"
+    "3. Tuning: lower beta (0.6) shows the concept more strongly; higher beta (0.75) keeps the rest of "
+    "the prompt in control. strength scales the whole edit; start_at/end_at limit it to part of "
+    "the sampling.\n\n"
+    "Works with LoRA (put LoraLoader before or after the apply node) and ControlNet; IPAdapter should "
+    "compose too but is not tested yet.")
+
+TWO_CONCEPTS_NOTE = (
+    "TWO CONCEPTS IN ONE IMAGE\n\n"
+    "Load two concept files trained on this checkpoint, combine them, and write both names in the "
+    f"prompt: 'embedding:{CONCEPT} and embedding:{OTHER_CONCEPT}'. Up to 8 concepts can be combined.\n\n"
+    "The combined concepts share one apply node's strength/beta/tau. For settings per concept, chain "
+    "two 'Perfusion Apply Concept' nodes instead (model and clip from the first into the second): they "
+    "form one joint edit.")
+
+
 def _default(spec):
     kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
     if "default" in options:
@@ -108,9 +142,26 @@ def _default(spec):
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
 
 
-def _sampling(graph: Graph, model_from: tuple, clip_from: tuple, vae_from: tuple, prompt: str, x: int, y: int,
-              prefix: str) -> dict:
-    """Prompt, negative prompt, empty latent, KSampler, decode and save: the stock text-to-image tail."""
+def _graph_with_checkpoint(info: dict, note: str, note_height: int, checkpoint_y: int) -> tuple[Graph, dict]:
+    """A workflow with its note at the top left and the stock checkpoint loader below it."""
+    graph = Graph(info)
+    graph.note(note, (20, 20), size=(440, note_height))
+    return graph, graph.add("CheckpointLoaderSimple", (20, checkpoint_y), {"ckpt_name": CHECKPOINT}, size=(440, 100))
+
+
+def _load_concept(graph: Graph, name: str, y: int) -> dict:
+    return graph.add("PerfusionLoadConcept", (20, y), {"concept_name": f"{name}_00001.safetensors"}, size=(440, 60))
+
+
+def _apply_and_draw(graph: Graph, checkpoint: dict, concept_from: tuple, apply_pos, prompt: str, x: int,
+                    prefix: str) -> None:
+    """Perfusion Apply Concept on the checkpoint's MODEL and CLIP with the concept from `concept_from`, then the
+    stock text-to-image tail on its outputs: prompt, negative prompt, empty latent, KSampler, decode and save."""
+    apply = graph.add("PerfusionApplyConcept", apply_pos, size=(320, 250))
+    graph.connect(checkpoint, "MODEL", apply, "model")
+    graph.connect(checkpoint, "CLIP", apply, "clip")
+    graph.connect(*concept_from, apply, "concept")
+    y = 20
     positive = graph.add("CLIPTextEncode", (x, y), {"text": prompt}, title="Prompt (write embedding:<name>)",
                          size=(400, 160))
     negative = graph.add("CLIPTextEncode", (x, y + 200), {"text": "blurry, low quality, deformed"},
@@ -121,106 +172,49 @@ def _sampling(graph: Graph, model_from: tuple, clip_from: tuple, vae_from: tuple
                                                   "scheduler": "normal", "seed": 0}, size=(320, 270))
     decode = graph.add("VAEDecode", (x + 800, y), size=(210, 50))
     save = graph.add("SaveImage", (x + 800, y + 100), {"filename_prefix": prefix}, size=(420, 460))
-    for node in (positive, negative):
-        graph.connect(*clip_from, node, "clip")
-    graph.connect(*model_from, sampler, "model")
-    graph.connect(positive, "CONDITIONING", sampler, "positive")
-    graph.connect(negative, "CONDITIONING", sampler, "negative")
-    graph.connect(latent, "LATENT", sampler, "latent_image")
-    graph.connect(sampler, "LATENT", decode, "samples")
-    graph.connect(*vae_from, decode, "vae")
-    graph.connect(decode, "IMAGE", save, "images")
-    return sampler
-
-
-def _apply(graph: Graph, checkpoint: dict, concept_from: tuple, pos) -> dict:
-    """Perfusion Apply Concept on the checkpoint's MODEL and CLIP, with the concept from `concept_from`."""
-    apply = graph.add("PerfusionApplyConcept", pos, size=(320, 250))
-    graph.connect(checkpoint, "MODEL", apply, "model")
-    graph.connect(checkpoint, "CLIP", apply, "clip")
-    graph.connect(*concept_from, apply, "concept")
-    return apply
+    links = [(apply, "CLIP", positive, "clip"), (apply, "CLIP", negative, "clip"), (apply, "MODEL", sampler, "model"),
+             (positive, "CONDITIONING", sampler, "positive"), (negative, "CONDITIONING", sampler, "negative"),
+             (latent, "LATENT", sampler, "latent_image"), (sampler, "LATENT", decode, "samples"),
+             (checkpoint, "VAE", decode, "vae"), (decode, "IMAGE", save, "images")]
+    for link in links:
+        graph.connect(*link)
 
 
 def train_concept(info: dict) -> dict:
-    graph = Graph(info)
-    graph.note(
-        "TRAIN A CONCEPT\n\n"
-        "1. Put 3-10 photos of your concept (different views and backgrounds, the concept filling much of "
-        f"the frame) in ComfyUI/input/{CONCEPT}/ and choose that folder in 'Perfusion Load Photos'.\n"
-        "2. Choose an SD1.x, SD2.x or SDXL checkpoint (for SDXL set size and resolution to 1024).\n"
-        "3. In 'Perfusion Train Concept' set name (the word you will write as embedding:<name>) and "
-        "superclass (one common word: teddy, cat, pot, sculpture).\n"
-        "4. Queue. The concept is saved to ComfyUI/models/perfusion/<name>_00001.safetensors (tens of KB), "
-        "a test image is drawn with it, and the loss curve is saved.\n\n"
-        "Optional masks (white = the concept): one per photo, same file names, in "
-        f"input/{CONCEPT}/mask/. They are used when the folder is there.",
-        (20, 20), size=(440, 330))
-    checkpoint = graph.add("CheckpointLoaderSimple", (20, 390), {"ckpt_name": CHECKPOINT}, size=(440, 100))
+    graph, checkpoint = _graph_with_checkpoint(info, TRAIN_NOTE, 330, 390)
     photos = graph.add("PerfusionLoadPhotos", (20, 540), {"folder": CONCEPT}, size=(440, 110))
     train = graph.add("PerfusionTrainConcept", (500, 20), {"name": CONCEPT, "superclass": "teddy"},
                       size=(400, 480))
     save = graph.add("PerfusionSaveConcept", (940, 20), {"filename_prefix": "{name}"}, size=(320, 60))
     loss = graph.add("LossGraphNode", (940, 120), {"filename_prefix": f"{CONCEPT}_loss"},
                      size=(320, 60))
-    graph.connect(checkpoint, "MODEL", train, "model")
-    graph.connect(checkpoint, "CLIP", train, "clip")
-    graph.connect(checkpoint, "VAE", train, "vae")
-    graph.connect(photos, "images", train, "images")
-    graph.connect(photos, "masks", train, "masks")
-    graph.connect(train, "concept", save, "concept")
-    graph.connect(train, "loss", loss, "loss")
-    apply = _apply(graph, checkpoint, (train, "concept"), (940, 240))
-    _sampling(graph, (apply, "MODEL"), (apply, "CLIP"), (checkpoint, "VAE"),
-              f"a photo of embedding:{CONCEPT} on a wooden table", 1300, 20, f"perfusion/{CONCEPT}")
+    links = [(checkpoint, "MODEL", train, "model"), (checkpoint, "CLIP", train, "clip"),
+             (checkpoint, "VAE", train, "vae"), (photos, "images", train, "images"), (photos, "masks", train, "masks"),
+             (train, "concept", save, "concept"), (train, "loss", loss, "loss")]
+    for link in links:
+        graph.connect(*link)
+    _apply_and_draw(graph, checkpoint, (train, "concept"), (940, 240),
+                    f"a photo of embedding:{CONCEPT} on a wooden table", 1300, f"perfusion/{CONCEPT}")
     return graph.to_json("train_concept")
 
 
 def generate(info: dict) -> dict:
-    graph = Graph(info)
-    graph.note(
-        "GENERATE WITH A CONCEPT\n\n"
-        "1. Choose the checkpoint the concept was trained on, and the concept file (from "
-        "ComfyUI/models/perfusion/).\n"
-        "2. Write the concept in the prompt as embedding:<name>, like a word: 'a photo of "
-        f"embedding:{CONCEPT} on the beach'. Use the CLIP that comes out of 'Perfusion Apply Concept'.\n"
-        "3. Tuning: lower beta (0.6) shows the concept more strongly; higher beta (0.75) keeps the rest of "
-        "the prompt in control. strength scales the whole edit; start_at/end_at limit it to part of "
-        "the sampling.\n\n"
-        "Works with LoRA (put LoraLoader before or after the apply node) and ControlNet; IPAdapter should "
-        "compose too but is not tested yet.",
-        (20, 20), size=(440, 300))
-    checkpoint = graph.add("CheckpointLoaderSimple", (20, 360), {"ckpt_name": CHECKPOINT}, size=(440, 100))
-    concept = graph.add("PerfusionLoadConcept", (20, 500), {"concept_name": f"{CONCEPT}_00001.safetensors"},
-                        size=(440, 60))
-    apply = _apply(graph, checkpoint, (concept, "concept"), (500, 360))
-    _sampling(graph, (apply, "MODEL"), (apply, "CLIP"), (checkpoint, "VAE"),
-              f"a photo of embedding:{CONCEPT} on the beach, sunset", 860, 20, f"perfusion/{CONCEPT}")
+    graph, checkpoint = _graph_with_checkpoint(info, GENERATE_NOTE, 300, 360)
+    concept = _load_concept(graph, CONCEPT, 500)
+    _apply_and_draw(graph, checkpoint, (concept, "concept"), (500, 360),
+                    f"a photo of embedding:{CONCEPT} on the beach, sunset", 860, f"perfusion/{CONCEPT}")
     return graph.to_json("generate")
 
 
 def two_concepts(info: dict) -> dict:
-    graph = Graph(info)
-    graph.note(
-        "TWO CONCEPTS IN ONE IMAGE\n\n"
-        "Load two concept files trained on this checkpoint, combine them, and write both names in the "
-        f"prompt: 'embedding:{CONCEPT} and embedding:{OTHER_CONCEPT}'. Up to 8 concepts can be combined.\n\n"
-        "The combined concepts share one apply node's strength/beta/tau. For settings per concept, chain "
-        "two 'Perfusion Apply Concept' nodes instead (model and clip from the first into the second): they "
-        "form one joint edit.",
-        (20, 20), size=(440, 260))
-    checkpoint = graph.add("CheckpointLoaderSimple", (20, 320), {"ckpt_name": CHECKPOINT}, size=(440, 100))
-    first = graph.add("PerfusionLoadConcept", (20, 460), {"concept_name": f"{CONCEPT}_00001.safetensors"},
-                      size=(440, 60))
-    second = graph.add("PerfusionLoadConcept", (20, 560),
-                       {"concept_name": f"{OTHER_CONCEPT}_00001.safetensors"}, size=(440, 60))
+    graph, checkpoint = _graph_with_checkpoint(info, TWO_CONCEPTS_NOTE, 260, 320)
+    first, second = _load_concept(graph, CONCEPT, 460), _load_concept(graph, OTHER_CONCEPT, 560)
     combine = graph.add("PerfusionCombineConcepts", (500, 520), size=(320, 100))
     graph.connect(first, "concept", combine, "concept_1")
     graph.connect(second, "concept", combine, "concept_2")
-    apply = _apply(graph, checkpoint, (combine, "concepts"), (500, 200))
-    _sampling(graph, (apply, "MODEL"), (apply, "CLIP"), (checkpoint, "VAE"),
-              f"a photo of embedding:{CONCEPT} and embedding:{OTHER_CONCEPT} sitting in a garden",
-              860, 20, "perfusion/two_concepts")
+    _apply_and_draw(graph, checkpoint, (combine, "concepts"), (500, 200),
+                    f"a photo of embedding:{CONCEPT} and embedding:{OTHER_CONCEPT} sitting in a garden", 860,
+                    "perfusion/two_concepts")
     return graph.to_json("two_concepts")
 
 
@@ -243,7 +237,7 @@ def node_definitions() -> dict:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import comfy_host
+    from support import comfy_host
     host = comfy_host.find_comfyui(REPO)
     if host is None:
         raise SystemExit("No ComfyUI found: run `bash tools/test.sh` once, or set COMFYUI_PATH.")

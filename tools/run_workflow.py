@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import comfy_host  # noqa: E402
-from comfy_runner import PromptFailed, run_prompt  # noqa: E402
-from workflow_api import nodes_of_type, object_info_in_process, ui_to_api  # noqa: E402
+sys.path.append(str(REPO))  # support/ and perfusion_ops/, after ComfyUI (support/__init__.py says why)
+from support import comfy_host  # noqa: E402
+from support.comfy_runner import PromptFailed, run_prompt  # noqa: E402
+from support.workflow_api import nodes_of_type, object_info_in_process, ui_to_api  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 DEFAULT_CHAIN = ["perfusion_train_concept.json", "perfusion_generate.json"]
@@ -101,7 +101,7 @@ class Run:
                     "steps, %d sampling steps and %dx%d images. It shows that the whole chain runs; its images "
                     "are NOISE. Pass --checkpoint for real results.", SMOKE["train_steps"], SMOKE["steps"],
                     SMOKE["size"], SMOKE["size"])
-        from tiny_checkpoint import write_tiny_checkpoint
+        from support.tiny_checkpoint import write_tiny_checkpoint
         path = comfy_host.cache_dir() / "smoke" / "tiny-sd15-v1.safetensors"
         if not path.is_file():
             log.info("writing the tiny smoke-run checkpoint to %s (once)", path)
@@ -198,7 +198,6 @@ class Run:
         folder.mkdir(exist_ok=True)
         folder_paths.add_model_folder_path("perfusion_covariance", str(folder), is_default=True)
         if not (folder / name).is_file():
-            sys.path.append(str(REPO))
             from perfusion_ops import covariance  # pure functions: any import of them will do
             clip = comfy.sd.load_checkpoint_guess_config(
                 folder_paths.get_full_path_or_raise("checkpoints", self.checkpoint_name),

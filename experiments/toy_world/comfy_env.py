@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import comfy_host  # noqa: E402
+sys.path.append(str(REPO))  # after ComfyUI (support/__init__.py says why)
+from support import comfy_host  # noqa: E402
 _booted = {}
 
 

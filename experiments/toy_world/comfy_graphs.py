@@ -70,7 +70,7 @@ class Runner:
     """One PromptExecutor kept across prompts, so ComfyUI caches the loaded checkpoint between them."""
 
     def __init__(self):
-        from comfy_runner import new_executor
+        from support.comfy_runner import new_executor
         self.executor = new_executor(_StubServer())
 
     def run(self, prompt: dict) -> None:

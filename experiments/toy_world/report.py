@@ -235,9 +235,12 @@ def write_report(path: Path, results: dict, stages: dict, command: str, machine:
     w("")
     w("## 4. Personalisation: fidelity against alignment\n")
     t = results["train"]
-    w(f"Each concept is trained from its 4 photos by PerfusionTrainConcept (steps {t['steps']}, batch {t['batch_size']}, "
-      f"value_lr {t['value_lr']}, embedding_lr {t['embedding_lr']}, train beta/tau {t['train_beta']}/{t['train_tau']}, "
-      f"seed {t['seed']}), three ways: Perfusion with locked keys (`train_values` on, `train_keys` off: the pack's "
+    # Runs before the recipe was recorded apart (results["recipe"]) kept every setting in results["train"].
+    recipe = results.get("recipe") or {"value_lr": t["value_lr"], "embedding_lr": t["embedding_lr"],
+                                       "beta": t["train_beta"], "tau": t["train_tau"], "gradient_accumulation": 1}
+    w(f"Each concept is trained from its 4 photos by PerfusionTrainConcept (steps {t['steps']}, batch {t['batch_size']} "
+      f"x {recipe.get('gradient_accumulation', 1)} micro-batches, value_lr {recipe['value_lr']}, embedding_lr "
+      f"{recipe['embedding_lr']}, train beta/tau {recipe['beta']}/{recipe['tau']}, seed {t['seed']}), three ways: Perfusion with locked keys (`train_values` on, `train_keys` off: the pack's "
       "default), Perfusion with trained keys (`train_keys` on), and textual inversion (`train_values` off: word "
       "vector only, applied with strength 0 so the model is untouched). Covariance: the pack's own cache entry "
       f"for this CLIP (fingerprint {results['covariance']['fingerprint']}; computed through the exact context shortcut, "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parents[1] / "tools"))  # comfy_runner, comfy_host
+sys.path.append(str(HERE.parents[1]))  # support: comfy_runner, comfy_host (after ComfyUI)
 
 import cache  # noqa: E402
 import comfy_env  # noqa: E402

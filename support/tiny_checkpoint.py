@@ -3,22 +3,16 @@
 For smoke runs, server tests and the editor test, where the graph must use the stock loader: the UNet is
 the smallest one ComfyUI still detects as SD1.5 (model_channels 320, context_dim 768, one level), the text
 encoder is SD1.5's own CLIP-L architecture (ComfyUI builds it from a fixed config), and the VAE is TAESD.
-All weights are random: what it draws is noise. Needs ComfyUI on sys.path.
-
-    python tools/tiny_checkpoint.py OUT.safetensors [--seed 0]
+All weights are random: what it draws is noise. Needs ComfyUI booted (support.comfy_host).
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import init_random  # noqa: E402  (tools/ is not a package)
+from .tiny_models import init_random
 
 CPU = torch.device("cpu")
 TINY_SD15_UNET = {
@@ -75,17 +69,3 @@ def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     os.replace(temporary, path)
     return path
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # random weights need no GPU; before comfy.model_management is imported
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.info("wrote %s", write_tiny_checkpoint(args.output, args.seed))
-
-
-if __name__ == "__main__":
-    main()

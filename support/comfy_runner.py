@@ -1,4 +1,4 @@
-"""Run an API-format prompt through ComfyUI's own executor, in-process (comfyui-host.md §6.4).
+"""Run an API-format prompt through ComfyUI's own executor, in-process.
 
 Used by the tests and by the headless runner (tools/run_workflow.py).
 """

@@ -9,7 +9,7 @@ Two hosts are supported and tested (README, "Supported ComfyUI versions"):
 
 `<cache>` is `${XDG_CACHE_HOME:-~/.cache}/comfyui-perfusion`.
 
-    python tools/comfy_host.py [--host minimum|current] [--provide]
+    python support/comfy_host.py [--host minimum|current] [--provide]
 
 prints the checkout's path; `--provide` clones the pinned release into the cache when none is found.
 """
@@ -86,7 +86,7 @@ No ComfyUI {host.tag} checkout was found and none could be cloned. Provide one i
   * put a checkout at {cached_checkout(host)}:
       git clone --depth 1 --branch {host.tag} {host.repository} {cached_checkout(host)}
     or, from a bare git copy of the repository (no network needed):
-      ../shared/tools/snapshot-checkout <git dir> {cached_checkout(host)}"""
+      mkdir -p {cached_checkout(host)} && git --git-dir=<git dir> archive {host.tag} | tar -x -C {cached_checkout(host)}"""
 
 
 def provide_comfyui(host: Host) -> Path | None:
