@@ -125,9 +125,23 @@ class ConceptTensors:
             [a.strength for a in applied], [a.beta for a in applied], [a.tau for a in applied], exact).on(device)
         self.i_super = torch.stack([c.i_super for c in concepts]).to(device)
         self.values = {path: torch.stack([c.values[path] for c in concepts]).to(device) for path in concepts[0].values}
-        # Trained key targets where a concept has them (ablations, imports); None means locked to W_k i_super.
-        self.keys = {path: [c.keys[path].to(device) if path in c.keys else None for c in concepts]
-                     for path in concepts[0].values}
+        # Trained key targets where a concept has them (ablations, imports), one entry per concept, None for a
+        # concept locked to W_k i_super; the whole entry is None where every concept is locked (the normal case).
+        self.keys = {}
+        for path in concepts[0].values:
+            trained = [c.keys[path].to(device) if path in c.keys else None for c in concepts]
+            self.keys[path] = None if all(t is None for t in trained) else trained
+        self._inputs = {}
+
+    def projection_inputs(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[i*] for the value projections and [i_super; i*] for the key projections, in the context's dtype, as a
+        batch of one sequence (the shape a projection is always called with). Their images W i* and W i_super
+        are computed anew in every call, through the live projection: LoRA hooks with keyframes, weight patches
+        and lowvram casting may all change W between calls."""
+        if dtype not in self._inputs:
+            i_star = self.vectors.i_star
+            self._inputs[dtype] = (i_star.to(dtype)[None], torch.cat([self.i_super, i_star]).to(dtype)[None])
+        return self._inputs[dtype]
 
     def value_hook(self, path: str):
         targets = self.values[path]
@@ -135,8 +149,8 @@ class ConceptTensors:
         def hook(module, inputs, output):
             x = inputs[0]
             # module.forward, not module(...): calling the module would run this hook again.
-            w_i_star = module.forward(self.vectors.i_star.to(x.dtype)[None])[0]
-            return rank1.edit(output, x, w_i_star, targets, self.vectors).to(output.dtype)
+            w_i_star = module.forward(self.projection_inputs(x.dtype)[0])[0]
+            return rank1.edit(output, x, torch.cat([targets, w_i_star.to(targets.dtype)]), self.vectors).to(output.dtype)
         return hook
 
     def key_hook(self, path: str):
@@ -144,12 +158,14 @@ class ConceptTensors:
 
         def hook(module, inputs, output):
             x = inputs[0]
-            k = self.vectors.i_star.shape[0]
-            # module.forward, not module(...): calling the module would run this hook again.
-            rows = module.forward(torch.cat([self.vectors.i_star, self.i_super]).to(x.dtype)[None])[0]
-            w_i_star, locked = rows[:k], rows[k:]  # key-locking: o*_K = W_k i_super, through the live W_k
-            targets = torch.stack([locked[a] if t is None else t.to(locked.dtype) for a, t in enumerate(trained)])
-            return rank1.edit(output, x, w_i_star, targets, self.vectors).to(output.dtype)
+            # module.forward, not module(...): calling the module would run this hook again. Its rows are
+            # [W_k i_super; W_k i*]: the locked key targets o*_K = W_k i_super (key-locking), then W_k i*.
+            rows = module.forward(self.projection_inputs(x.dtype)[1])[0]
+            if trained is not None:
+                k = len(trained)
+                targets = [rows[a] if t is None else t.to(rows.dtype) for a, t in enumerate(trained)]
+                rows = torch.cat([torch.stack(targets), rows[k:]])
+            return rank1.edit(output, x, rows, self.vectors).to(output.dtype)
         return hook
 
 
@@ -164,6 +180,9 @@ class PerfusionPatch:
         self.exact = exact
         self._cache: dict = {}
         self._layers: tuple = (None, {})  # (diffusion model, its cross-attention layers), found once
+        # Only a start_at/end_at window needs the current sigma. Reading it makes a Python number of a tensor,
+        # which splits a torch.compile'd diffusion model into several graphs, so it is read only then.
+        self.windowed = any(a.sigma_start != math.inf or a.sigma_end != 0.0 for a in self.applied)
 
     def layers_of(self, diffusion_model) -> dict[str, torch.nn.Module]:
         if self._layers[0] is not diffusion_model:
@@ -179,7 +198,7 @@ class PerfusionPatch:
 
     def __call__(self, executor, *args, **kwargs):
         transformer_options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-        sigma = current_sigma(transformer_options or {})
+        sigma = current_sigma(transformer_options or {}) if self.windowed else None
         active = tuple(i for i, a in enumerate(self.applied) if a.active_at(sigma))
         if not active:
             return executor(*args, **kwargs)

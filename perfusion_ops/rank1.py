@@ -12,6 +12,11 @@ For one projection W (a cross-attention to_k or to_v) and k concepts a = 1..k:
 
 With k = 1 this is h = W x + str · (g · o* − r · W i*). All of it is computed in float32.
 
+Per call the edit is one product: h = W x + [str_a g_a, −str_a α_a] · [o*_a; W i*_a], with s computed once and
+everything that does not depend on x (1/(E_a τ_a), β_a/τ_a, G⁻ᵀ scaled by the strengths) prepared once per
+concept set (ConceptVectors.build): on a GPU every op is a kernel launch, and a UNet call runs 32 (SD1.5) to
+140 (SDXL) hooked projections.
+
 u's scale cancels in r and in α, so u is used at unit length (float32 stays in range for any stored scale).
 E is floored at ENERGY_FLOOR · |u| |i*|: a u = C⁻¹ i* of any covariance this pack estimates (its ridge bounds
 the condition number of C by ~1e6·d) is far above it, so the floor only catches a u (nearly) orthogonal to i*,
@@ -59,16 +64,23 @@ class ConceptVectors:
     strength: torch.Tensor       # [k]
     beta: torch.Tensor           # [k]
     tau: torch.Tensor            # [k]
+    gate_scale: torch.Tensor     # [k]      1 / (E_a τ_a):  (r_a − β_a) / τ_a = s_a · gate_scale_a + gate_shift_a
+    gate_shift: torch.Tensor     # [k]      −β_a / τ_a
+    removal_weights: torch.Tensor  # [k, k]  s @ removal_weights = −str_a α_a (−G⁻ᵀ diag(str), or −diag(str / E))
 
     @staticmethod
     def build(i_star, u, strength, beta, tau, exact: bool = True) -> "ConceptVectors":
         i_star, u = torch.as_tensor(i_star).float(), torch.as_tensor(u)
         u, energy, gram = metric_gram(i_star, u)          # float64: G may be ill-conditioned
+        as_row = lambda v: torch.as_tensor(v, dtype=torch.float64).reshape(-1).expand(i_star.shape[0]).clone()
+        strength, beta, tau = as_row(strength), as_row(beta), as_row(tau)
         removal = None
         if exact and i_star.shape[0] > 1:
-            removal = torch.linalg.inv(gram).T.float()
-        as_row = lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(-1).expand(i_star.shape[0]).clone()
-        return ConceptVectors(i_star, u.float(), energy.float(), removal, as_row(strength), as_row(beta), as_row(tau))
+            removal = torch.linalg.inv(gram).T
+        removal_weights = -(removal if removal is not None else torch.diag(1 / energy)) * strength[None, :]
+        return ConceptVectors(i_star, u.float(), energy.float(), None if removal is None else removal.float(),
+                              strength.float(), beta.float(), tau.float(), (1 / (energy * tau)).float(),
+                              (-beta / tau).float(), removal_weights.float())
 
     def on(self, device) -> "ConceptVectors":
         # Deliberately not named `.to`: ComfyUI casts patch objects with `.to` to the model dtype.
@@ -84,14 +96,15 @@ def coefficients(x: torch.Tensor, cv: ConceptVectors) -> tuple[torch.Tensor, tor
     return r, alpha
 
 
-def edit(wx: torch.Tensor, x: torch.Tensor, w_i_star: torch.Tensor, targets: torch.Tensor,
-         cv: ConceptVectors) -> torch.Tensor:
-    """h = W x + Σ_a str_a (g_a o*_a − α_a W i*_a).
+def edit(wx: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cv: ConceptVectors) -> torch.Tensor:
+    """h = W x + Σ_a str_a (g_a o*_a − α_a W i*_a), as one product of [str_a g_a, −str_a α_a] with `rows`.
 
     wx: [..., d_out] the projection's own output W x;  x: [..., d] its input;
-    w_i_star: [k, d_out] W i*_a through the same projection;  targets: [k, d_out] o*_a.
+    rows: [2k, d_out] the targets o*_1..o*_k, then W i*_1..W i*_k through the same projection.
     Returns float32; the caller casts back.
     """
-    r, alpha = coefficients(x.float(), cv)
-    g = gate(r, cv.beta, cv.tau)
-    return wx.float() + (cv.strength * g) @ targets.float() - (cv.strength * alpha) @ w_i_star.float()
+    s = x.float() @ cv.u.T                                                # s_a = u_aᵀ x
+    g = torch.sigmoid(torch.addcmul(cv.gate_shift, s, cv.gate_scale))    # g_a = σ((s_a / E_a − β_a) / τ_a)
+    weights = torch.cat([g * cv.strength, s @ cv.removal_weights], dim=-1)  # [str_a g_a, −str_a α_a]
+    h = torch.addmm(wx.float().flatten(0, -2), weights.flatten(0, -2), rows.float())  # W x + weights · rows
+    return h.view(wx.shape)
