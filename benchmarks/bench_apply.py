@@ -66,12 +66,14 @@ SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_
 
 # ---------------------------------------------------------------- models and concepts
 
-def build_model(config_name: str, device: str = "cpu"):
+def build_model(config_name: str, device: str = "cpu", dtype=None):
+    """A full-size BaseModel of ComfyUI's own config, its UNet's weights and computation in `dtype` (float32 by
+    default), as the loaders build it; weights uninitialised (init_random gives them values)."""
     import torch
     import comfy.supported_models as sm
     config_class, unet = {"sd15": (sm.SD15, SD15_UNET), "sdxl": (sm.SDXL, SDXL_UNET)}[config_name]
     model_config = config_class(dict(unet))
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype or torch.float32, None)
     return model_config.get_model({}, device=torch.device(device))
 
 

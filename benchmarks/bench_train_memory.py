@@ -46,9 +46,8 @@ def run_variant(arch: str, checkpointing: bool, steps: int, device: str, dtype_n
     from perfusion_ops.train import TrainSettings, train_concept
     dtype = getattr(torch, dtype_name)
     setup = SETUPS[arch]
-    model = build_model(arch)
+    model = build_model(arch, dtype=dtype)
     init_random(model.diffusion_model)
-    model.diffusion_model.to(dtype)
     dev = torch.device(device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
     clip = _clip(arch, dtype)

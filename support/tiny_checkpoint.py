@@ -1,4 +1,4 @@
-"""A tiny SD1.5-format checkpoint that ComfyUI's stock CheckpointLoaderSimple loads.
+"""A tiny SD1.5-format checkpoint that ComfyUI's stock CheckpointLoaderSimple loads, and placeholder photos.
 
 For smoke runs, server tests and the editor test, where the graph must use the stock loader: the UNet is
 the smallest one ComfyUI still detects as SD1.5 (model_channels 320, context_dim 768, one level), the text
@@ -69,3 +69,16 @@ def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     os.replace(temporary, path)
     return path
 
+
+def write_placeholder_photos(folder: Path) -> None:
+    """Four 64x64 photos of a brown blob on different backgrounds, for the smoke run (and tests)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image, ImageDraw
+    backgrounds = [(40, 120, 200), (60, 160, 60), (220, 220, 210), (200, 80, 60)]
+    for index, background in enumerate(backgrounds):
+        image = Image.new("RGB", (64, 64), background)
+        draw = ImageDraw.Draw(image)
+        offset = 4 * index
+        draw.ellipse((14 + offset, 18, 46 + offset, 56), fill=(120, 80, 40))
+        draw.ellipse((18 + offset, 6, 40 + offset, 28), fill=(140, 95, 50))
+        image.save(folder / f"{index}.png")

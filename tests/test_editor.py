@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from comfy_server import LOOPBACK, REPO, ComfyServer, tiny_checkpoint_file
-from run_workflow import write_placeholder_photos
+from support.tiny_checkpoint import write_placeholder_photos
 from support.workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.host, pytest.mark.server]

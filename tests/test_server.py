@@ -39,7 +39,7 @@ import torch
 
 from comfy_server import (CHECKPOINT_NAME, REPO, ComfyServer, Events, output_files, require_success,
                           tiny_checkpoint_file)
-from run_workflow import write_placeholder_photos
+from support.tiny_checkpoint import write_placeholder_photos
 from support.workflow_api import nodes_of_type, ui_to_api
 
 pytestmark = [pytest.mark.host, pytest.mark.server]

@@ -53,10 +53,10 @@ def test_workflow_files_are_what_make_workflows_writes_for_the_current_nodes():
     """A node input added without regenerating the workflows fails here: run tools/make_workflows.py with the
     minimum host (tools/test.sh's default). The files are written from v0.3.64's node definitions; on v0.33.0
     they must equal what it writes up to the unlinked output slots of sink nodes."""
-    import make_workflows
     from conftest import HOST_NAME
-    info = make_workflows.node_definitions()
-    for filename, build in make_workflows.BUILDERS.items():
+    from support import shipped_workflows
+    info = shipped_workflows.node_definitions()
+    for filename, build in shipped_workflows.BUILDERS.items():
         shipped = json.loads((WORKFLOWS / filename).read_text())
         written = json.loads(json.dumps(build(info)))
         if HOST_NAME == "minimum":

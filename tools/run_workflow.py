@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))  # support/ and perfusion_ops/, after ComfyUI (support/__init__.py says why)
 from support import comfy_host  # noqa: E402
 from support.comfy_runner import PromptFailed, run_prompt  # noqa: E402
+from support.tiny_checkpoint import write_placeholder_photos  # noqa: E402
 from support.workflow_api import nodes_of_type, object_info_in_process, ui_to_api  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
@@ -223,20 +224,6 @@ def _log_progress(value, total, preview, node_id=None) -> None:
     step = max(1, total // 10)
     if value == total or value % step == 0:
         log.info("  progress %d/%d", value, total)
-
-
-def write_placeholder_photos(folder: Path) -> None:
-    """Four 64x64 photos of a brown blob on different backgrounds, for the smoke run (and tests)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    from PIL import Image, ImageDraw
-    backgrounds = [(40, 120, 200), (60, 160, 60), (220, 220, 210), (200, 80, 60)]
-    for index, background in enumerate(backgrounds):
-        image = Image.new("RGB", (64, 64), background)
-        draw = ImageDraw.Draw(image)
-        offset = 4 * index
-        draw.ellipse((14 + offset, 18, 46 + offset, 56), fill=(120, 80, 40))
-        draw.ellipse((18 + offset, 6, 40 + offset, 28), fill=(140, 95, 50))
-        image.save(folder / f"{index}.png")
 
 
 def main(argv=None) -> int:
