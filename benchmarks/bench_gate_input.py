@@ -40,11 +40,12 @@ def run(arch: str, steps: int | None) -> dict:
     seconds = time.perf_counter() - start
     recorded = json.loads(concept.train)["gate_input"]
     # r per held-out prompt, recomputed from the file's own i* and u through a CLIP that knows the word.
+    from perfusion_ops.host import encode_with_grad
     from perfusion_ops.text import clip_with_concepts
     concept_clip = clip_with_concepts(clip, [concept])
     per_prompt = {}
     for prompt in train.GATE_CHECK_PROMPTS:
-        context, _, positions = train.encode(concept_clip, prompt.format("embedding:hugsy"))
+        context, _, positions = encode_with_grad(concept_clip, prompt.format("embedding:hugsy"))
         per_prompt[prompt] = train.own_gate_input(context[0, positions[0]], concept.i_star, concept.u)
     return {"arch": arch, "steps": settings.steps, "photos": int(images.shape[0]), "seconds": seconds,
             "gate_input": recorded, "per_prompt": per_prompt, "loss": [losses[0], losses[-1]]}

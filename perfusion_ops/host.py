@@ -120,3 +120,18 @@ def checkpoint_unet_blocks(patcher) -> int:
         patcher.add_object_patch(f"diffusion_model.{name}.forward", checkpointed)
         count += 1
     return count
+
+
+def encode_with_grad(clip, prompt: str):
+    """Context, pooled output and the token positions that hold word vectors (not token ids), of `prompt`, through
+    the CLIP's encoder directly, so that gradients reach the word vectors. What comfy.sd.CLIP.encode_from_tokens
+    does inside (reset_clip_options, set_clip_options with the clip-skip layer, encode_token_weights), without
+    its model loading and no-grad context."""
+    tokens = clip.tokenize(prompt)
+    clip.cond_stage_model.reset_clip_options()
+    if clip.layer_idx is not None:
+        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+    context, pooled = clip.cond_stage_model.encode_token_weights(tokens)[:2]
+    first_chunk = next(iter(tokens.values()))[0]
+    positions = [i for i, item in enumerate(first_chunk) if not isinstance(item[0], int)]
+    return context, pooled, positions

@@ -86,18 +86,6 @@ def trainable_clones(model, clip, gradient_checkpointing: bool = True):
     return train_model, train_clip
 
 
-def encode(clip, prompt: str):
-    """Context, pooled output and the token positions that hold word vectors (not token ids)."""
-    tokens = clip.tokenize(prompt)
-    clip.cond_stage_model.reset_clip_options()
-    if clip.layer_idx is not None:
-        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
-    context, pooled = clip.cond_stage_model.encode_token_weights(tokens)[:2]
-    first_chunk = next(iter(tokens.values()))[0]
-    positions = [i for i, item in enumerate(first_chunk) if not isinstance(item[0], int)]
-    return context, pooled, positions
-
-
 class _Photos:
     """The training latents (and their mirror images) with their loss weights, drawn in batches."""
 
@@ -120,9 +108,9 @@ def _encode_prompts(concept_clip, plain_clip, templates, name, superclass):
     concept's position, of the concept and of the superclass in the same templates."""
     contexts, pooled, concept_encodings, super_encodings = [], [], [], []
     for template in templates:
-        context, pool, positions = encode(concept_clip, template.format(f"embedding:{name}"))
+        context, pool, positions = host.encode_with_grad(concept_clip, template.format(f"embedding:{name}"))
         with torch.no_grad():
-            super_context = encode(plain_clip, template.format(superclass))[0]
+            super_context = host.encode_with_grad(plain_clip, template.format(superclass))[0]
         contexts.append(context)
         pooled.append(pool)
         concept_encodings.append(context[0, positions[0]].detach())
@@ -234,7 +222,7 @@ class _Training:
         encodings = []
         with torch.no_grad():
             for template in templates:
-                context, _, positions = encode(self.concept_clip, template.format(f"embedding:{self.name}"))
+                context, _, positions = host.encode_with_grad(self.concept_clip, template.format(f"embedding:{self.name}"))
                 encodings.append(context[0, positions[0]])
         return torch.stack(encodings).mean(0).double().cpu()
 

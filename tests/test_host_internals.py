@@ -44,6 +44,28 @@ def test_our_lookup_keeps_the_hosts_tuple_and_resolves_our_names():
     assert clip.tokenizer.clip_l.embedding_directory == [], "the original tokenizer was changed"
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_encoding_with_grad_is_what_the_clip_encodes_at_every_clip_skip(arch):
+    """host.encode_with_grad repeats what comfy.sd.CLIP.encode_from_tokens does inside (clip options with the
+    clip-skip layer, then encode_token_weights): same context and pooled output, and the positions of the
+    word vectors in the prompt."""
+    from perfusion_ops import host
+    from perfusion_ops.text import clip_with_word_vectors
+    clip = tiny_clip(arch)
+    widths = {"sd1": {"clip_l": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280}}[arch]
+    word = {encoder: torch.randn(1, width, generator=torch.Generator().manual_seed(0)) for encoder, width in widths.items()}
+    prompt = "a photo of embedding:hugsy on the beach"
+    for layer in (None, -2):
+        patched = clip_with_word_vectors(clip, {"hugsy": word}).clone()
+        if layer is not None:
+            patched.clip_layer(layer)
+        expected, expected_pooled = patched.encode_from_tokens(patched.tokenize(prompt), return_pooled=True)
+        context, pooled, positions = host.encode_with_grad(patched, prompt)
+        assert torch.equal(context, expected), f"CLIP.encode_from_tokens changed (clip layer {layer})"
+        assert torch.equal(pooled, expected_pooled), f"CLIP.encode_from_tokens' pooled output changed (layer {layer})"
+        assert positions == [4], f"the word vector's position in the tokens changed: {positions}"
+
+
 def test_loaded_models_list_and_unload():
     import comfy.model_management as mm
     assert isinstance(mm.current_loaded_models, list), "comfy.model_management.current_loaded_models is not a list"

@@ -145,8 +145,8 @@ def test_training_on_real_photos_lowers_the_loss_and_changes_only_the_concept(sm
 def _word_encoding(clip, concept, template: str) -> torch.Tensor:
     """The concept word's context vector in `template`, at its own position, from the CLIP that knows it."""
     from perfusion_ops.text import clip_with_concepts
-    from perfusion_ops.train import encode
-    context, _, positions = encode(clip_with_concepts(clip, [concept]), template.format(f"embedding:{concept.name}"))
+    from perfusion_ops.host import encode_with_grad
+    context, _, positions = encode_with_grad(clip_with_concepts(clip, [concept]), template.format(f"embedding:{concept.name}"))
     return context[0, positions[0]].double()
 
 
