@@ -109,6 +109,13 @@ def main() -> int:
             rows.append(in_subprocess(arch, checkpointing, args))
             log.info("%s", rows[-1])
     env = environment(boot_comfyui(cpu=args.device == "cpu"))
+    for arch in args.arch:  # one section per model, so that each can be measured on its own
+        body = _section([row for row in rows if row["arch"] == arch], env, args)
+        publish(log, f"{HEADING}: {arch}", body, args.write)
+    return 0
+
+
+def _section(rows: list[dict], env: dict, args) -> str:
     lines = [f"Measured {env['date']} on {env['machine']}, torch {env['torch']} ({env['torch threads']} threads), "
              f"ComfyUI {env['ComfyUI']}; full-size UNet and text encoders with random weights, model in {args.dtype} "
              f"on {args.device}, {args.steps} training steps per run (one micro-batch each; the first step is not "
@@ -127,10 +134,9 @@ def main() -> int:
         lines.append(f"| {row['arch']} | {setting} | {'on' if row['checkpointing'] else 'off'} | "
                      f"{row['step_s']:.1f} s | {row['peak_bytes'] / 2**30:.2f} GiB |")
     lines += ["", f"Machine memory: {_total_memory_gib():.0f} GiB. Reproduce: `python benchmarks/bench_train_memory.py "
-              "--write` (with the test environment's python); on a GPU add `--device cuda`."]
-    body = "\n".join(lines)
-    publish(log, HEADING, body, args.write)
-    return 0
+              f"--arch {rows[0]['arch']} --dtype {args.dtype} --write` (with the test environment's python); on a GPU "
+              "add `--device cuda`."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
