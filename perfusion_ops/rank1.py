@@ -57,16 +57,12 @@ def gate(r: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor) -> torch.Tensor
 class ConceptVectors:
     """The per-set quantities the edit needs, stacked over concepts (row a = concept a)."""
 
-    i_star: torch.Tensor         # [k, d]   i*_a
-    u: torch.Tensor              # [k, d]   u_a = C⁻¹ i*_a, at unit length
-    energy: torch.Tensor         # [k]      E_a, floored
-    removal: torch.Tensor | None  # [k, k]  G⁻ᵀ, so that α = s @ removal; None = approximate (α = r)
-    strength: torch.Tensor       # [k]
-    beta: torch.Tensor           # [k]
-    tau: torch.Tensor            # [k]
-    gate_scale: torch.Tensor     # [k]      1 / (E_a τ_a):  (r_a − β_a) / τ_a = s_a · gate_scale_a + gate_shift_a
-    gate_shift: torch.Tensor     # [k]      −β_a / τ_a
-    removal_weights: torch.Tensor  # [k, k]  s @ removal_weights = −str_a α_a (−G⁻ᵀ diag(str), or −diag(str / E))
+    i_star: torch.Tensor           # [k, d]  i*_a
+    u: torch.Tensor                # [k, d]  u_a = C⁻¹ i*_a, at unit length
+    strength: torch.Tensor         # [k]     str_a
+    gate_scale: torch.Tensor       # [k]     1 / (E_a τ_a):  (r_a − β_a) / τ_a = s_a · gate_scale_a + gate_shift_a
+    gate_shift: torch.Tensor       # [k]     −β_a / τ_a
+    removal_weights: torch.Tensor  # [k, k]  s @ removal_weights = −str_a α_a: −G⁻ᵀ diag(str) (exact), −diag(str / E)
 
     @staticmethod
     def build(i_star, u, strength, beta, tau, exact: bool = True) -> "ConceptVectors":
@@ -74,26 +70,14 @@ class ConceptVectors:
         u, energy, gram = metric_gram(i_star, u)          # float64: G may be ill-conditioned
         as_row = lambda v: torch.as_tensor(v, dtype=torch.float64).reshape(-1).expand(i_star.shape[0]).clone()
         strength, beta, tau = as_row(strength), as_row(beta), as_row(tau)
-        removal = None
-        if exact and i_star.shape[0] > 1:
-            removal = torch.linalg.inv(gram).T
-        removal_weights = -(removal if removal is not None else torch.diag(1 / energy)) * strength[None, :]
-        return ConceptVectors(i_star, u.float(), energy.float(), None if removal is None else removal.float(),
-                              strength.float(), beta.float(), tau.float(), (1 / (energy * tau)).float(),
-                              (-beta / tau).float(), removal_weights.float())
+        # α = G⁻¹ s (exact, several concepts) or α_a = s_a / E_a (approximate, and k = 1, where G = [E]).
+        removal = torch.linalg.inv(gram).T if exact and i_star.shape[0] > 1 else torch.diag(1 / energy)
+        return ConceptVectors(i_star, u.float(), strength.float(), (1 / (energy * tau)).float(),
+                              (-beta / tau).float(), (-removal * strength[None, :]).float())
 
     def on(self, device) -> "ConceptVectors":
         # Deliberately not named `.to`: ComfyUI casts patch objects with `.to` to the model dtype.
-        move = lambda t: None if t is None else t.to(device)
-        return ConceptVectors(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
-def coefficients(x: torch.Tensor, cv: ConceptVectors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate inputs r [..., k] and removal coefficients α [..., k] for context tokens x [..., d]."""
-    s = x @ cv.u.T
-    r = s / cv.energy
-    alpha = r if cv.removal is None else s @ cv.removal
-    return r, alpha
+        return ConceptVectors(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 def edit(wx: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cv: ConceptVectors) -> torch.Tensor:
