@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from common import boot_comfyui, environment, init_random, interleaved, median, publish
+from common import boot_comfyui, environment, init_random, interleaved, markdown_table, median, publish
 
 log = logging.getLogger("bench_gpu_sampling")
 HEADING = "## Apply: sampling time on a GPU (float16), with and without torch.compile"
@@ -97,13 +97,13 @@ def main() -> int:
     env = environment(host)
     lines = [f"Measured {env['date']} on {env['machine']}, torch {env['torch']}, ComfyUI {env['ComfyUI']}; "
              f"{args.dtype} on {args.device}, euler {args.steps} steps, cfg 5, batch 1, {args.repetitions} interleaved "
-             "repetitions after a warm-up; ratio of medians to the unpatched model in the same run.", "",
-             "| model | image | torch.compile | concepts | unpatched | patched | ratio | goal |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        goal = GOALS[int(r["variant"][0])]
-        lines.append(f"| {r['model']} | {r['size']}² | {'inductor' if r['compiled'] else 'no'} | {r['variant']} | "
-                     f"{r['unpatched_s']:.3f} s | {r['patched_s']:.3f} s | {r['ratio']:.3f}x | "
-                     f"{'met' if r['ratio'] <= goal else 'missed'} (≤ {goal}x) |")
+             "repetitions after a warm-up; ratio of medians to the unpatched model in the same run.", ""]
+    goal = lambda r: GOALS[int(r["variant"][0])]  # noqa: E731
+    lines += markdown_table(
+        ["model", "image", "torch.compile", "concepts", "unpatched", "patched", "ratio", "goal"],
+        [[r["model"], f"{r['size']}²", "inductor" if r["compiled"] else "no", r["variant"], f"{r['unpatched_s']:.3f} s",
+          f"{r['patched_s']:.3f} s", f"{r['ratio']:.3f}x", f"{'met' if r['ratio'] <= goal(r) else 'missed'} (≤ {goal(r)}x)"]
+         for r in rows])
     lines += ["", "Reproduce: `python benchmarks/bench_gpu_sampling.py --compile --write` (with the test environment's "
               "python, on a machine with a CUDA GPU)."]
     publish(log, HEADING, "\n".join(lines), args.write)

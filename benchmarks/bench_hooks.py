@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, boot_comfyui, environment, median, publish
+from common import REPO, boot_comfyui, environment, markdown_table, median, publish
 
 log = logging.getLogger("bench_hooks")
 HEADING = "## Apply: ops and time per hook call"
@@ -141,16 +141,16 @@ def main() -> int:
              "[2, 77, d] context (the UNet itself does not run); exact mode. `ops` counts every aten op the profiler "
              "records per hook call (nested ones included), `top-level` only those the hook's own Python calls, "
              "`compute` the innermost ops that compute (views, allocations and no-op casts left out: about the kernels "
-             "a GPU would launch); `kernels` the GPU kernels launched per call.", "",
-             "| pack | model | concepts | hooks per UNet call | ops per hook | top-level | compute | kernels | time per hook |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        kernels = f"{r['kernels']:.1f}" if args.device == "cuda" else "(CPU)"
-        lines.append(f"| {r['version']} | {r['arch']} | {r['concepts']} | {r['hooks']} | {r['ops']:.1f} | {r['top_level_ops']:.1f} | "
-                     f"{r['compute_ops']:.1f} | {kernels} | {r['microseconds']:.0f} µs |")
-    lines += ["", "Reproduce: `python benchmarks/bench_hooks.py --write` (with the test environment's python); on a GPU "
-              "add `--device cuda`."]
-    publish(log, HEADING, "\n".join(lines), args.write)
+             "a GPU would launch); `kernels` the GPU kernels launched per call.", ""]
+    lines += markdown_table(
+        ["pack", "model", "concepts", "hooks per UNet call", "ops per hook", "top-level", "compute", "kernels",
+         "time per hook"],
+        [[r["version"], r["arch"], r["concepts"], r["hooks"], f"{r['ops']:.1f}", f"{r['top_level_ops']:.1f}",
+          f"{r['compute_ops']:.1f}", f"{r['kernels']:.1f}" if args.device == "cuda" else "(CPU)",
+          f"{r['microseconds']:.0f} µs"] for r in rows])
+    reproduce = ("Reproduce: `python benchmarks/bench_hooks.py --baseline REV --write` (with the test environment's "
+                 "python); on a GPU add `--device cuda`.")
+    publish(log, HEADING, "\n".join(lines + ["", reproduce]), args.write)
     return 0
 
 

@@ -113,6 +113,12 @@ def add_sampling_options(parser, repetitions: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def markdown_table(columns: list[str], rows: list[list]) -> list[str]:
+    """The lines of a Markdown table with these column names and rows of cells."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + \
+        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def publish(log, heading: str, body: str, write: bool) -> None:
     """Log a result section and, with `write`, put it into RESULTS.md under `heading`."""
     log.info("%s", body)
