@@ -90,7 +90,8 @@ class PerfusionTrainConcept(io.ComfyNode):
                                      "photos (reference: 4 x 4 = 16). Memory stays that of one micro-batch."),
                 io.Boolean.Input("gradient_checkpointing", default=DEFAULT.gradient_checkpointing, optional=True,
                                  tooltip="Recompute the UNet's layers during the backward pass instead of keeping "
-                                         "their activations: much less memory, about a third more time per step."),
+                                         "their activations: a fraction of the memory (SDXL: about a third), up to twice the time "
+                                         "per step."),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[PerfusionConcept.Output(display_name="concept", tooltip="The trained concept."),
