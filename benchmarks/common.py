@@ -28,10 +28,7 @@ def boot_comfyui(cpu: bool = True) -> Path:
     so `import comfy...` and `import perfusion_ops...` both work and the pack's `nodes/` folder does not
     shadow ComfyUI's `nodes` module. With `cpu`, ComfyUI runs on the CPU (set before model_management loads)."""
     from support import comfy_host
-    host = comfy_host.find_comfyui(REPO)
-    if host is None:
-        raise SystemExit("No ComfyUI host found: run `bash tools/test.sh` once (it puts ComfyUI v0.3.64 in the "
-                         "user cache), or set COMFYUI_PATH.")
+    host = comfy_host.required_comfyui(REPO)
     comfy_host.prepare(host, cpu=cpu)
     return host
 

@@ -1,6 +1,7 @@
 """Train a concept inside the graph."""
 from __future__ import annotations
 
+import json
 import logging
 
 import comfy.model_management
@@ -153,10 +154,10 @@ class PerfusionTrainConcept(io.ComfyNode):
                                  train_values=train_values, train_keys=train_keys,
                                  gradient_accumulation=gradient_accumulation,
                                  gradient_checkpointing=gradient_checkpointing)
-        precision = []
         concept, losses = train_concept(
             model, clip, latents, name, superclass, C, covariance_id, settings, masks=masks,
             flipped_latents=flipped_latents, flipped_masks=flipped_masks, on_step=on_step,
-            on_status=lambda text: (precision.append(text), show_text_on_node(f"training: {text}", cls.hidden.unique_id)))
-        summary = f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps; {precision[0]}"
+            on_status=lambda text: show_text_on_node(f"training: {text}", cls.hidden.unique_id))
+        precision = json.loads(concept.train)["precision"]  # what training recorded in the concept
+        summary = f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps; {precision}"
         return io.NodeOutput(ConceptSet((concept,)), {"loss": losses}, ui={"text": [summary]})

@@ -79,6 +79,16 @@ def find_comfyui(pack_root: Path = PACK_ROOT, host: Host | None = None) -> Path 
     return None
 
 
+def required_comfyui(pack_root: Path = PACK_ROOT) -> Path:
+    """find_comfyui() for the selected host, or a SystemExit that says how to provide it."""
+    host = selected_host()
+    found = find_comfyui(pack_root, host)
+    if found is None:
+        raise SystemExit(f"No ComfyUI {host.tag} checkout found: `bash tools/test.sh --host {host.name}` provides "
+                         f"one, or set {host.path_variable}=/path/to/ComfyUI.")
+    return found
+
+
 def how_to_provide(host: Host) -> str:
     return f"""\
 No ComfyUI {host.tag} checkout was found and none could be cloned. Provide one in any of these ways:

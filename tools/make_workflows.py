@@ -19,10 +19,7 @@ log = logging.getLogger("make_workflows")
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    host = comfy_host.find_comfyui(REPO)
-    if host is None:
-        raise SystemExit("No ComfyUI found: run `bash tools/test.sh` once, or set COMFYUI_PATH.")
-    comfy_host.boot(host)
+    comfy_host.boot(comfy_host.required_comfyui(REPO))
     info = shipped_workflows.node_definitions()
     shipped_workflows.WORKFLOWS.mkdir(exist_ok=True)
     for filename, build in shipped_workflows.BUILDERS.items():

@@ -11,10 +11,7 @@ _booted = {}
 
 
 def host_path() -> Path:
-    host = comfy_host.find_comfyui(REPO)
-    if host is None:
-        raise SystemExit("No ComfyUI host found: run `bash tools/test.sh` once (see README), or set COMFYUI_PATH.")
-    return host
+    return comfy_host.required_comfyui(REPO)
 
 
 def import_comfy() -> Path:
