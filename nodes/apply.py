@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..perfusion_ops.concept import ConceptSet, INFERENCE_BETA, INFERENCE_TAU
 from ..perfusion_ops.patch import apply_concepts
-from ..perfusion_ops.text import clip_with_concepts
+from ..perfusion_ops.text import KEY_LOCKING, clip_with_concepts
 from .common import CATEGORY, PerfusionConcept
 
 
@@ -42,6 +42,13 @@ class PerfusionApplyConcept(io.ComfyNode):
                                tooltip="With several concepts on one model: 'exact' removes all their directions "
                                        "jointly (docs/method.md §2); 'approximate' treats each concept on its own. "
                                        "The last apply node in a chain decides. No effect with one concept."),
+                io.Combo.Input("key_locking", options=list(KEY_LOCKING), default="local", optional=True,
+                               tooltip="'local' (the paper's default): the concept's key is locked to its "
+                                       "superclass word's. 'global': the keys of every word come from the prompt "
+                                       "with the superclass word in place of each concept, so the concept relates "
+                                       "to the other words as the superclass would (e.g. two concepts in one "
+                                       "image); the paper suggests beta 0.4-0.6 with it. The last apply node in a "
+                                       "chain decides."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="A copy of the model with the concept(s)."),
                      io.Clip.Output(display_name="CLIP", tooltip="A copy of the CLIP that knows embedding:<name>.")],
@@ -49,11 +56,11 @@ class PerfusionApplyConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept: ConceptSet, strength, beta, tau, start_at, end_at,
-                multi_concept_mode="exact") -> io.NodeOutput:
+                multi_concept_mode="exact", key_locking="local") -> io.NodeOutput:
         concepts = list(concept.concepts)
         patched_model = apply_concepts(model, concepts, strength, beta, tau, start_at, end_at,
-                                       exact=multi_concept_mode == "exact")
-        patched_clip = clip_with_concepts(clip, concepts)
+                                       exact=multi_concept_mode == "exact", key_locking=key_locking)
+        patched_clip = clip_with_concepts(clip, concepts, key_locking)
         notes = [f"embedding:{c.name} — file recommends beta {c.beta:g}, tau {c.tau:g}; using beta {beta:g}, "
                  f"tau {tau:g}, strength {strength:g}" for c in concepts]
         return io.NodeOutput(patched_model, patched_clip, ui={"text": notes})

@@ -14,6 +14,25 @@ import torch
 
 # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: the wrapper around one call of the diffusion model.
 DIFFUSION_MODEL_WRAPPER = "diffusion_model"
+# The text model's method comfy.sd.CLIP calls to encode tokens (an object patch on a CLIP's patcher replaces it
+# for that clone while it is loaded, as object patches do on a UNet).
+TEXT_ENCODE = "encode_token_weights"
+# The model condition that carries global key-locking's key context from the text encoder to the diffusion model.
+KEY_CONTEXT = "perfusion_key_context"
+
+
+def with_key_context(encoded: tuple, key_context: torch.Tensor) -> tuple:
+    """An encode_token_weights result (context, pooled[, extra dict]) whose conditioning will carry `key_context`
+    into the diffusion model's keyword arguments, batched row for row with the context:
+    comfy.sd.CLIP.encode_from_tokens copies the extra dict's entries into the conditioning dict (v0.33.0's
+    clip-schedule branch, used only with CLIP hooks, drops them); comfy.sampler_helpers.convert_cond keeps a
+    conditioning's 'model_conds'; comfy.samplers batches a comfy.conds.CONDCrossAttn exactly as it batches the
+    prompt's context (the same repetition to a common length); BaseModel._apply_model casts it to the model's
+    dtype and passes it to the diffusion model as a keyword argument."""
+    import comfy.conds
+    extra = dict(encoded[2]) if len(encoded) > 2 else {}
+    extra["model_conds"] = {**extra.get("model_conds", {}), KEY_CONTEXT: comfy.conds.CONDCrossAttn(key_context)}
+    return (encoded[0], encoded[1], extra)
 
 
 def lookup_with_vectors(original, vectors: dict[str, torch.Tensor]):

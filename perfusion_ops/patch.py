@@ -19,7 +19,8 @@ import torch
 from . import rank1
 from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, Concept, check_used_together, numeric_problem
 from .errors import PerfusionError
-from .host import DIFFUSION_MODEL_WRAPPER
+from .host import DIFFUSION_MODEL_WRAPPER, KEY_CONTEXT
+from .text import KEY_LOCKING
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,21 @@ class ConceptTensors:
             return rank1.edit(output, x, rows, self.vectors).to(output.dtype)
         return hook
 
+    def global_key_hooks(self, path: str, context: torch.Tensor, key_context: torch.Tensor):
+        """Global key-locking (docs/method.md §1.3): a pre-hook that hands the key projection the superclass
+        prompt's context wherever it would get the prompt's own, so every token's key is W_k c_super, and a hook
+        that leaves those keys as they are. Where another patch passes the projection a context of its own,
+        that call gets the local edit."""
+        local = self.key_hook(path)
+
+        def swap_input(module, inputs):
+            if inputs[0] is context:
+                return (key_context, *inputs[1:])
+
+        def hook(module, inputs, output):
+            return output if inputs[0] is key_context else local(module, inputs, output)
+        return swap_input, hook
+
 
 class PerfusionPatch:
     """DIFFUSION_MODEL wrapper holding every concept applied to one model clone (a joint patch).
@@ -175,9 +191,11 @@ class PerfusionPatch:
     A plain callable without `.to`, so ComfyUI never casts the concept tensors it holds.
     """
 
-    def __init__(self, applied: tuple[AppliedConcept, ...], exact: bool = True):
+    def __init__(self, applied: tuple[AppliedConcept, ...], exact: bool = True, key_locking: str = "local"):
         self.applied = tuple(applied)
         self.exact = exact
+        self.key_locking = key_locking
+        self._warned_key_context = False
         self._cache: dict = {}
         self._layers: tuple = (None, {})  # (diffusion model, its cross-attention layers), found once
         # Only a start_at/end_at window needs the current sigma. Reading it makes a Python number of a tensor,
@@ -197,24 +215,46 @@ class PerfusionPatch:
         return self._cache[key]
 
     def __call__(self, executor, *args, **kwargs):
+        key_context = kwargs.pop(KEY_CONTEXT, None)  # the diffusion model itself has no use for it
         transformer_options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
         sigma = current_sigma(transformer_options or {}) if self.windowed else None
         active = tuple(i for i, a in enumerate(self.applied) if a.active_at(sigma))
         if not active:
             return executor(*args, **kwargs)
         context = args[2] if len(args) > 2 else kwargs["context"]
-        with hooks_installed(self.layers_of(executor.class_obj), self.tensors_for(active, context.device)):
+        key_inputs = self.key_inputs(context, key_context) if self.key_locking == "global" else None
+        with hooks_installed(self.layers_of(executor.class_obj), self.tensors_for(active, context.device), key_inputs):
             return executor(*args, **kwargs)
+
+    def key_inputs(self, context, key_context):
+        """(context, key context) for global key-locking, or None (local locking) with a warning, once, when the
+        prompt did not come with a key context of its shape (a CLIP without global locking, conditioning
+        concatenated after encoding, CLIP hooks with a schedule)."""
+        if key_context is not None and key_context.shape == context.shape:
+            return context, key_context.to(device=context.device, dtype=context.dtype)
+        if not self._warned_key_context:
+            self._warned_key_context = True
+            found = "none" if key_context is None else f"shape {tuple(key_context.shape)}"
+            log.warning("Perfusion: global key-locking needs the prompt encoded by the CLIP of the apply node with "
+                        "key_locking 'global' (key context: %s, prompt %s); using local locking for it.",
+                        found, tuple(context.shape))
+        return None
 
 
 @contextlib.contextmanager
-def hooks_installed(layers: dict[str, torch.nn.Module], tensors: ConceptTensors | None):
+def hooks_installed(layers: dict[str, torch.nn.Module], tensors: ConceptTensors | None, key_inputs=None):
     """The edit's forward hooks on every cross-attention to_k / to_v of `layers` while the block runs (for
-    training: through its backward pass too); no hooks for `None`."""
+    training: through its backward pass too); no hooks for `None`. `key_inputs` = (context, key context) selects
+    global key-locking."""
     handles = []
     try:
         for path in (tensors.values if tensors is not None else ()):
-            handles.append(layers[path].to_k.register_forward_hook(tensors.key_hook(path)))
+            if key_inputs is None:
+                handles.append(layers[path].to_k.register_forward_hook(tensors.key_hook(path)))
+            else:
+                swap_input, hook = tensors.global_key_hooks(path, *key_inputs)
+                handles.append(layers[path].to_k.register_forward_pre_hook(swap_input))
+                handles.append(layers[path].to_k.register_forward_hook(hook))
             handles.append(layers[path].to_v.register_forward_hook(tensors.value_hook(path)))
         yield
     finally:
@@ -229,13 +269,16 @@ def applied_concepts(model) -> tuple[AppliedConcept, ...]:
 
 
 def apply_concepts(model, concepts, strength: float = 1.0, beta: float = INFERENCE_BETA, tau: float = INFERENCE_TAU,
-                   start_at: float = 0.0, end_at: float = 1.0, exact: bool = True):
-    """A clone of `model` with `concepts` added to its joint Perfusion patch. The input stays untouched."""
+                   start_at: float = 0.0, end_at: float = 1.0, exact: bool = True, key_locking: str = "local"):
+    """A clone of `model` with `concepts` added to its joint Perfusion patch. The input stays untouched.
+    `exact` and `key_locking` hold for the whole joint patch: the last call in a chain decides."""
     if tau <= 0 or not math.isfinite(tau):
         raise PerfusionError(f"tau must be a positive number, got {tau}.")
     for setting, value in (("strength", strength), ("beta", beta)):
         if not math.isfinite(value):
             raise PerfusionError(f"{setting} must be a finite number, got {value}.")
+    if key_locking not in KEY_LOCKING:
+        raise PerfusionError(f"key_locking must be one of {KEY_LOCKING}, got '{key_locking}'.")
     if not 0.0 <= start_at <= end_at <= 1.0:
         raise PerfusionError(f"start_at ({start_at}) must not be after end_at ({end_at}); both lie in 0..1.")
     arch = model_architecture(model)
@@ -255,5 +298,5 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = INFEREN
 
     patched = model.clone()
     patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
-    patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, PerfusionPatch(previous + added, exact))
+    patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, PerfusionPatch(previous + added, exact, key_locking))
     return patched

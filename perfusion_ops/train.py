@@ -24,7 +24,7 @@ from .precision import describe, loss_scale_for
 from .errors import PerfusionError
 from .patch import AppliedConcept, ConceptTensors, cross_attention_layers, hooks_installed, model_architecture
 from .rank1 import gate
-from .text import clip_architecture, clip_with_word_vectors
+from .text import clip_architecture, clip_with_word_vectors, superclass_tokens
 
 log = logging.getLogger(__name__)
 GATE_INPUT_TOLERANCE = 0.5  # |r − 1| on the concept's own word beyond which training warns (see _check_gate_input)
@@ -54,22 +54,6 @@ class TrainSettings:
     gradient_accumulation: int = 4     # micro-batches per step: 4 x batch 4 is the reference's effective batch 16
     gradient_checkpointing: bool = True  # recompute UNet layers in backward instead of keeping their activations
     loss_scaling: bool = True   # dynamic loss scaling when the model runs in float16 (off only as a test control)
-
-
-def superclass_tokens(clip, superclass: str) -> dict[str, int]:
-    """The superclass word's single token id in each text encoder, or a clear error."""
-    word = superclass.strip()
-    if not word or len(word.split()) != 1:
-        raise PerfusionError(f"The superclass must be one word (e.g. 'teddy', 'cat'), got '{superclass}'.")
-    ids = {}
-    for encoder in ARCHITECTURES[clip_architecture(clip)]["embeddings"]:
-        tokenizer = getattr(clip.tokenizer, encoder)
-        pieces = tokenizer.tokenizer(word)["input_ids"][tokenizer.tokens_start:-1]
-        if len(pieces) != 1:
-            raise PerfusionError(f"The superclass '{word}' is split into {len(pieces)} tokens by the {encoder} "
-                                 "tokenizer; choose a common single-token word (e.g. 'teddy' for a teddy bear).")
-        ids[encoder] = pieces[0]
-    return ids
 
 
 def trainable_clones(model, clip, gradient_checkpointing: bool = True):

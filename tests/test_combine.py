@@ -427,10 +427,10 @@ def sampling_nodes(prefix, model, clip, text, key):
     }
 
 
-def apply_node(model, clip, concept, mode, strength=1.0, beta=0.7, tau=0.15):
+def apply_node(model, clip, concept, mode, strength=1.0, beta=0.7, tau=0.15, key_locking="local"):
     return {"class_type": "PerfusionApplyConcept", "inputs": {
         "model": model, "clip": clip, "concept": concept, "strength": strength, "beta": beta, "tau": tau,
-        "start_at": 0.0, "end_at": 1.0, "multi_concept_mode": mode}}
+        "start_at": 0.0, "end_at": 1.0, "multi_concept_mode": mode, "key_locking": key_locking}}
 
 
 def base_graph(files):
@@ -481,6 +481,27 @@ def test_nodes_chained_apply_equals_combine_and_the_concepts_take_effect(graph_n
     assert rel(latents["combined_exact"], latents["words_only"]) > 1e-2
     assert not torch.equal(latents["tuned"], latents["chained_exact"])
     assert all(torch.isfinite(t).all() for t in latents.values())
+
+
+def test_nodes_global_key_locking_chained_equals_combined_and_differs_from_local(graph_nodes):
+    """key_locking 'global' through the executor: the last apply node of a chain decides for both concepts, and
+    the chain (a local, then b global) samples what one apply node with the combined set samples."""
+    from support.comfy_runner import run_prompt
+    concepts_on_prompt_tokens(graph_nodes)
+    graph = base_graph({"a": "a.safetensors", "b": "b.safetensors"})
+    graph["combine"] = {"class_type": "PerfusionCombineConcepts",
+                        "inputs": {"concept_1": ["load_a", 0], "concept_2": ["load_b", 0]}}
+    graph["chain_a"] = apply_node(["ckpt", 0], ["ckpt", 1], ["load_a", 0], "exact", beta=0.5)
+    graph["chain_b"] = apply_node(["chain_a", 0], ["chain_a", 1], ["load_b", 0], "exact", beta=0.5, key_locking="global")
+    graph.update(sampling_nodes("chain_", ["chain_b", 0], ["chain_b", 1], NODE_PROMPT, "chained_global"))
+    for locking in ("local", "global"):
+        graph[f"set_{locking}"] = apply_node(["ckpt", 0], ["ckpt", 1], ["combine", 0], "exact", beta=0.5,
+                                             key_locking=locking)
+        graph.update(sampling_nodes(f"set_{locking}_", [f"set_{locking}", 0], [f"set_{locking}", 1], NODE_PROMPT,
+                                    f"combined_{locking}"))
+    run_prompt(graph)
+    assert torch.equal(CAPTURED["chained_global"], CAPTURED["combined_global"])
+    assert rel(CAPTURED["combined_global"], CAPTURED["combined_local"]) > 1e-3
 
 
 def test_nodes_refuse_a_concept_twice_and_mixed_architectures(graph_nodes):

@@ -156,3 +156,29 @@ def test_the_stock_loader_detects_the_tiny_checkpoint_as_sd15(tmp_path):
     assert type(model.model.model_config) is comfy.supported_models.SD15, type(model.model.model_config)
     assert clip is not None and vae is not None
     assert model.model.diffusion_model.input_blocks[0][0].out_channels == 320
+
+
+def test_a_model_condition_from_the_text_encoder_reaches_the_diffusion_model():
+    """host.TEXT_ENCODE is what comfy.sd.CLIP calls to encode, an object patch on the CLIP's patcher replaces it,
+    and host.with_key_context's extra dict travels conditioning -> model_conds -> diffusion-model keyword."""
+    import comfy.sample
+    from perfusion_ops import host
+    clip, model = tiny_clip("sd1"), tiny_model("sd1")
+    original = clip.patcher.get_model_object(host.TEXT_ENCODE)
+    assert callable(original), f"comfy.sd.CLIP's text model has no {host.TEXT_ENCODE}"
+    marker = torch.full((1, 77, 768), 0.5)
+    patched = clip.clone()
+    patched.patcher.add_object_patch(host.TEXT_ENCODE, lambda tokens: host.with_key_context(original(tokens), marker))
+    positive = patched.encode_from_tokens_scheduled(patched.tokenize("a photo"))
+    assert host.KEY_CONTEXT in positive[0][1].get("model_conds", {}), \
+        f"{host.TEXT_ENCODE}'s extra dict did not reach the conditioning (comfy.sd.CLIP.encode_from_tokens)"
+    seen = []
+    probe = model.clone()
+    probe.add_wrapper_with_key(host.DIFFUSION_MODEL_WRAPPER, "probe",
+                               lambda executor, *args, **kwargs: seen.append(kwargs.get(host.KEY_CONTEXT)) or executor(*args, **kwargs))
+    latent = torch.zeros(1, 4, 8, 8)
+    comfy.sample.sample(probe, latent, 1, 1.0, "euler", "normal", positive, positive, latent, disable_pbar=True)
+    assert seen and seen[0] is not None and torch.equal(seen[0], marker), \
+        "conditioning 'model_conds' did not reach the diffusion model as a keyword argument"
+    assert torch.equal(clip.encode_from_tokens(clip.tokenize("a photo")), original(clip.tokenize("a photo"))[0]), \
+        "the object patch leaked into the original CLIP"
