@@ -170,7 +170,7 @@ class ConceptTensors:
         return hook
 
     def global_key_hooks(self, path: str, context: torch.Tensor, key_context: torch.Tensor):
-        """Global key-locking (docs/method.md §1.3): a pre-hook that hands the key projection the superclass
+        """Global key-locking (docs/method.md §1, global key-locking): a pre-hook that hands the key projection the superclass
         prompt's context wherever it would get the prompt's own, so every token's key is W_k c_super, and a hook
         that leaves those keys as they are. Where another patch passes the projection a context of its own,
         that call gets the local edit."""

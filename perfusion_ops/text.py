@@ -3,7 +3,7 @@
 `CLIP.clone()` shares the tokenizer, so the clone gets shallow copies of the tokenizer and of its
 per-encoder tokenizers, whose embedding lookup knows the concepts (perfusion_ops/host.py).
 For global key-locking the clone also encodes every prompt a second time with each concept word replaced by
-its superclass word, and sends that encoding along with the prompt's to the diffusion model (docs/method.md §1.3).
+its superclass word, and sends that encoding along with the prompt's to the diffusion model (docs/method.md §1, global key-locking).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 16: global key-locking (docs/method.md §1.3): every key projection reads the prompt with each concept's
+"""Issue 16: global key-locking (docs/method.md §1, global key-locking): every key projection reads the prompt with each concept's
 word replaced by its superclass word; the values keep the concept's edit. Checked through ComfyUI's own sampler
 (conditioning -> model conditions -> diffusion model) against an independent float64 reference."""
 import logging
