@@ -14,6 +14,7 @@ import torch
 from einops import rearrange
 
 from .files import write_atomically
+from .text import clip_setup
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +27,8 @@ def load_corpus(path: Path = CORPUS) -> list[str]:
 
 
 def text_encoder_fingerprint(clip, corpus: list[str]) -> str:
-    """Identifies the text-encoder setup: tokenizer, every weight (sampled), the clip-skip layer and the corpus."""
-    digest = hashlib.sha256()
-    digest.update(type(clip.tokenizer).__name__.encode())
-    digest.update(repr(getattr(clip, "layer_idx", None)).encode())
-    for name, tensor in sorted(clip.cond_stage_model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        stride = max(1, flat.numel() // 256)  # a strided sample identifies the weights without hashing GBs
-        digest.update(name.encode() + repr(tuple(tensor.shape)).encode())
-        digest.update(flat[::stride][:256].float().cpu().numpy().tobytes())
+    """Identifies C: the text-encoder setup (text.clip_setup: tokenizer, weights, clip skip, LoRA) and the corpus."""
+    digest = hashlib.sha256(clip_setup(clip).encode())
     digest.update("\n".join(corpus).encode())
     return digest.hexdigest()[:16]
 

@@ -65,6 +65,23 @@ def install_embedding_lookup(tokenizer, vectors: dict[str, torch.Tensor]):
     return copied
 
 
+def weights_as_loaded(patcher) -> dict[str, torch.Tensor]:
+    """The model's weights as the checkpoint gave them, whether or not this or another clone has weight patches
+    applied in place right now: ModelPatcher.backup (shared by clones) holds the originals of patched weights,
+    as a namedtuple with `.weight`."""
+    state = patcher.model.state_dict()
+    for key, original in patcher.backup.items():
+        if key in state:
+            state[key] = original.weight
+    return state
+
+
+def weight_patch_strengths(patcher) -> list[tuple[str, list[tuple[float, float]]]]:
+    """(weight name, [(strength_patch, strength_model), ...]) of every weight patch (a LoRA, for example) on
+    this clone: ModelPatcher.patches maps a weight name to tuples (strength_patch, data, strength_model, ...)."""
+    return sorted((key, [(float(p[0]), float(p[2])) for p in patches]) for key, patches in patcher.patches.items())
+
+
 def unload(*patchers) -> None:
     """Unload these ModelPatchers now (comfy.model_management.current_loaded_models, LoadedModel.model_unload),
     so that the models ComfyUI loads next are not kept out of memory by training clones."""

@@ -8,12 +8,17 @@ its superclass word, and sends that encoding along with the prompt's to the diff
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 
 import torch
 
 from .concept import ARCHITECTURES, Concept
-from .host import TEXT_ENCODE, install_embedding_lookup, with_key_context
+from .host import TEXT_ENCODE, install_embedding_lookup, weight_patch_strengths, weights_as_loaded, with_key_context
 from .errors import PerfusionError
+
+log = logging.getLogger(__name__)
 
 # Tokenizer attribute of each text encoder; it equals the concept file's embedding key.
 ENCODER_ATTRIBUTES = ("clip_l", "clip_g", "clip_h")
@@ -42,6 +47,7 @@ def clip_with_concepts(clip, concepts: list[Concept], key_locking: str = "local"
                                  f"but this CLIP belongs to {arch.upper()}.")
     if key_locking not in KEY_LOCKING:
         raise PerfusionError(f"key_locking must be one of {KEY_LOCKING}, got '{key_locking}'.")
+    warn_about_setup(clip, concepts)
     patched = clip_with_word_vectors(clip, {c.name: c.embeddings for c in concepts})
     earlier = patched.patcher.object_patches.get(TEXT_ENCODE)
     if isinstance(earlier, SuperclassKeyContext):  # a chain: build on the first node's, not on top of it
@@ -55,6 +61,39 @@ def clip_with_concepts(clip, concepts: list[Concept], key_locking: str = "local"
 
 
 KEY_LOCKING = ("local", "global")
+
+
+def clip_setup(clip) -> str:
+    """The text-encoder setup a concept's gate is calibrated for, readable: the clip-skip layer, a fingerprint of
+    the text encoders' weights as loaded (a strided sample of every tensor, so GBs need not be hashed) and the
+    weight patches (LoRA) on this CLIP. Recorded by training; compared at apply time (warn_about_setup)."""
+    digest = hashlib.sha256(type(clip.tokenizer).__name__.encode())
+    for name, tensor in sorted(weights_as_loaded(clip.patcher).items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(name.encode() + repr(tuple(tensor.shape)).encode())
+        digest.update(flat[::max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+    patches = weight_patch_strengths(clip.patcher)
+    layer = "last layer" if clip.layer_idx is None else f"layer {clip.layer_idx}"
+    setup = f"clip skip: {layer}; text encoder weights {digest.hexdigest()[:12]}"
+    if patches:
+        setup += f"; {len(patches)} patched weights {hashlib.sha256(repr(patches).encode()).hexdigest()[:8]}"
+    return setup
+
+
+def warn_about_setup(clip, concepts) -> None:
+    """A warning naming both setups for each concept trained with a differently set-up CLIP (another clip skip,
+    another checkpoint's text encoder, a LoRA on it): its u = C⁻¹ i* and i* describe the encodings of that setup,
+    so the gate may open too little or too much here. Not an error: a fine-tuned checkpoint is a legitimate use."""
+    current = None
+    for concept in concepts:
+        trained_with = json.loads(concept.train or "{}").get("clip_setup")
+        if trained_with is None:
+            continue  # trained before the setup was recorded, or made by another tool
+        current = current or clip_setup(clip)
+        if trained_with != current:
+            log.warning("Perfusion: concept '%s' was trained with a CLIP set up differently (%s) from this one (%s); "
+                        "its gate may open too little or too much. Use the checkpoint and clip skip it was trained "
+                        "with, or check the result with a beta sweep.", concept.name, trained_with, current)
 
 
 def superclass_tokens(clip, superclass: str) -> dict[str, int]:

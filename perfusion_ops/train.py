@@ -24,7 +24,7 @@ from .precision import describe, loss_scale_for
 from .errors import PerfusionError
 from .patch import AppliedConcept, ConceptTensors, cross_attention_layers, hooks_installed, model_architecture
 from .rank1 import gate
-from .text import clip_architecture, clip_with_word_vectors, superclass_tokens
+from .text import clip_architecture, clip_setup, clip_with_word_vectors, superclass_tokens
 
 log = logging.getLogger(__name__)
 GATE_INPUT_TOLERANCE = 0.5  # |r − 1| on the concept's own word beyond which training warns (see _check_gate_input)
@@ -233,6 +233,7 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
     """
     import comfy.model_management as mm
     arch, token_ids = _checked_setup(model, clip, superclass, settings)
+    setup = clip_setup(clip)  # recorded, so that applying the concept with another setup warns
     C_inv = inverse(covariance)
     train_model, train_clip = trainable_clones(model, clip, settings.gradient_checkpointing)
     try:
@@ -259,8 +260,8 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
             log.info("Perfusion training '%s': %d of %d steps skipped for float16 overflow (loss scale now %g)",
                      name, run.loss_scale.skipped, settings.steps, run.loss_scale.scale)
         final = _concept(name, superclass, arch, run.embeddings, i_star, u, run.i_super.float(), run.values,
-                         covariance_id, settings, losses, detach=True, keys=run.keys, gate_input=gate_input,
-                         precision=precision)
+                         covariance_id, settings, losses, detach=True, keys=run.keys,
+                         record={"gate_input": gate_input, "precision": precision, "clip_setup": setup})
         return final, losses
     finally:
         host.unload(train_model, train_clip.patcher)
@@ -311,7 +312,8 @@ def _latent_masks(masks, latent_shape) -> torch.Tensor:
 
 
 def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, covariance_id, settings, losses,
-             detach=False, keys=None, gate_input=None, precision=None) -> Concept:
+             detach=False, keys=None, record=None) -> Concept:
+    """The concept (detached: the finished one, with the settings and `record` of the run in its `train` JSON)."""
     take = (lambda t: t.detach().float().cpu().clone()) if detach else (lambda t: t)
     return Concept(
         name=name, superclass=superclass, arch=arch,
@@ -320,5 +322,5 @@ def _concept(name, superclass, arch, embeddings, i_star, u, i_super, values, cov
         values={path: take(v) for path, v in values.items()},
         keys={path: take(k) for path, k in (keys or {}).items()},
         beta=INFERENCE_BETA, tau=INFERENCE_TAU, covariance=covariance_id,
-        train=json.dumps({**asdict(settings), "final_loss": losses[-1] if losses else None,
-                          "gate_input": gate_input, "precision": precision}) if detach else "{}")
+        train=json.dumps({**asdict(settings), "final_loss": losses[-1] if losses else None, **(record or {})})
+        if detach else "{}")

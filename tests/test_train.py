@@ -185,6 +185,40 @@ def test_the_files_i_star_is_the_finished_words_encoding_and_its_gate_input_in_n
     assert len(warned) == 1 and "'teddo'" in warned[0] and "varied photos" in warned[0], warned
 
 
+def test_applying_with_a_differently_set_up_clip_warns_naming_both_setups(small_corpus, tmp_path, caplog):
+    """Training records the CLIP's setup (text.clip_setup); applying the concept with another clip skip, another
+    text encoder or a LoRA on the CLIP warns, naming both; the same setup (also a clone) does not."""
+    import comfy.sd
+    from perfusion_ops import text, train
+    from perfusion_ops.covariance import cached_covariance
+    model, clip, vae = tiny_model("sd1", std=0.2), tiny_clip("sd1"), tiny_vae()
+    images, _ = load_photos("teddy", 64)
+    C, fingerprint = cached_covariance(clip, tmp_path)
+    settings = train.TrainSettings(steps=1, seed=1, batch_size=1, gradient_accumulation=1)
+    concept, _ = train.train_concept(model, clip, vae.encode(images), "hugsy", "teddy", C, fingerprint, settings)
+    assert json.loads(concept.train)["clip_setup"] == text.clip_setup(clip)
+
+    skipped = clip.clone()
+    skipped.clip_layer(-2)
+    other_encoder = tiny_clip("sd1", seed=5)
+    lora_clip = clip.clone()
+    lora_clip.add_patches({"clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight":
+                           ("diff", (torch.full((128, 768), 0.01),))}, 0.5)
+    for other in (skipped, other_encoder, lora_clip):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=text.log.name):
+            text.clip_with_concepts(other, [concept])
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "'hugsy'" in warned[0], warned
+        assert text.clip_setup(clip) in warned[0] and text.clip_setup(other) in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=text.log.name):
+        text.clip_with_concepts(clip.clone(), [concept])
+        text.clip_with_concepts(clip, [concept.replace(train="{}")])  # no record: nothing to compare
+    assert not caplog.records
+    assert "layer -2" in text.clip_setup(skipped) and "patched weights" in text.clip_setup(lora_clip)
+
+
 def test_superclass_of_several_tokens_is_refused_clearly():
     from perfusion_ops.errors import PerfusionError
     from perfusion_ops.train import superclass_tokens
