@@ -1,12 +1,35 @@
-"""Generate perfusion_ops/data/captions.txt, the caption corpus the covariance C is estimated on.
+"""Generate perfusion_ops/data/captions.txt, the caption corpus the covariance C is estimated on (docs/method.md §3).
 
-The corpus is written by this project (word lists below, released with the pack under its MIT
-license). It spans many subjects, attributes, places, actions and photographic/art styles so that the
-second moment of the text encoder's outputs covers ordinary prompts, not just one template.
-Deterministic: `python tools/make_caption_corpus.py` always writes the same file.
+Each caption is an ordinary prompt from the word lists below (subjects, attributes, places, actions,
+photographic and art styles) followed by a tail of comma-separated tags, as users write prompts. The tails cover
+the text encoders' vocabulary: every whole-word token of the CLIP BPE vocabulary (the one SD1.x's CLIP-L, SD2.x's
+OpenCLIP-H and SDXL's CLIP-L and bigG all use) whose word is ASCII letters or digits appears COVERAGE_REPEATS
+times, and further tags are drawn with a Zipf law over the BPE merge rank (earlier merges are more frequent
+pairs in CLIP's training text, so rank stands in for word frequency). Without the tails, the directions of words
+the prompts never use are held up only by the ridge of C's inverse, and a concept's gate r is arbitrary on them.
+The CLIP text encoder is causal, so a tail does not change the encodings of the prompt before it.
+
+Written by this project and released with the pack under its MIT license; the vocabulary is read from ComfyUI's
+copy of the CLIP tokenizer. Deterministic: `python tools/make_caption_corpus.py` (with ComfyUI found as the tests
+find it) always writes the same file.
 """
+import json
 import random
+import re
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))  # support/ (after ComfyUI)
+from support import comfy_host  # noqa: E402
+
+TARGET = REPO / "perfusion_ops" / "data" / "captions.txt"
+CAPTIONS = 4000
+COVERAGE_REPEATS = 2   # times each vocabulary word appears in a tail
+ZIPF_TAGS = 4          # further tags per caption, drawn by frequency
+ZIPF_OFFSET = 10       # p(word) ∝ 1 / (rank + ZIPF_OFFSET)
+MAX_TOKENS = 75        # one 77-token chunk with BOS and EOS: the estimator reads each caption's first chunk only
+WHOLE_WORD = re.compile(r"[a-z0-9]+")
 
 SUBJECTS = """man woman child baby girl boy old man old woman couple family crowd soldier chef doctor nurse farmer
 astronaut knight wizard witch pirate robot cyborg alien angel demon ghost vampire zombie mermaid fairy king queen
@@ -67,7 +90,8 @@ EXTRAS = """, highly detailed|, 4k|, trending on artstation|, soft lighting|, dr
 , unreal engine|, film grain|, high contrast|, muted colors|, symmetrical|, minimalist|, hyperrealistic|, sharp focus""".replace("\n", "").split("|")
 
 
-def captions(count: int = 4000, seed: int = 0) -> list[str]:
+def prompts(count: int = CAPTIONS, seed: int = 0) -> list[str]:
+    """Ordinary prompts from the word lists (the corpus before vocabulary tails were added)."""
     rng = random.Random(seed)
     subjects = sorted({word for line in SUBJECTS for word in line.split()} | set(COMPOUND_SUBJECTS))
     out = []
@@ -95,6 +119,57 @@ def captions(count: int = 4000, seed: int = 0) -> list[str]:
     return out
 
 
+def vocabulary_words(vocab: dict[str, int]) -> list[str]:
+    """The vocabulary's whole-word tokens whose word is ASCII letters or digits, in BPE merge order (by id)."""
+    words = [(token_id, token[:-len("</w>")]) for token, token_id in vocab.items() if token.endswith("</w>")]
+    return [word for _, word in sorted(words) if WHOLE_WORD.fullmatch(word)]
+
+
+def tail(words: list[str], rng: random.Random) -> str:
+    """Tags: the words in comma-separated groups of one to three."""
+    groups, i = [], 0
+    while i < len(words):
+        size = rng.choice((1, 1, 2, 3))
+        groups.append(" ".join(words[i:i + size]))
+        i += size
+    return ", ".join(groups)
+
+
+def captions(vocab: dict[str, int], token_count, count: int = CAPTIONS, seed: int = 0) -> list[str]:
+    """Each prompt with a tail that carries its share of the vocabulary (each word COVERAGE_REPEATS times, in a
+    seeded order) and ZIPF_TAGS frequency-drawn tags; a tail that would push the caption past MAX_TOKENS
+    (`token_count(caption)`, without BOS/EOS) gives its last coverage words to the next caption."""
+    rng = random.Random(seed + 1)
+    words = vocabulary_words(vocab)
+    coverage = [word for _ in range(COVERAGE_REPEATS) for word in words]
+    rng.shuffle(coverage)
+    weights = [1.0 / (rank + ZIPF_OFFSET) for rank in range(len(words))]
+    per_caption = -(-len(coverage) // count)
+    out = []
+    for index, prompt in enumerate(prompts(count, seed)):
+        share = coverage[:per_caption] if index < count - 1 else coverage
+        tags = share + rng.choices(words, weights, k=ZIPF_TAGS)
+        rng.shuffle(tags)
+        while tags and token_count(f"{prompt}, {tail(tags, random.Random(index))}") > MAX_TOKENS:
+            tags.pop()
+        used = [word for word in share if word in tags]
+        remaining = list(coverage[len(share):])
+        spilled = [word for word in share if word not in used]
+        coverage = spilled + remaining  # words that did not fit go first into the next caption
+        out.append(f"{prompt}, {tail(tags, random.Random(index))}" if tags else prompt)
+    if coverage:
+        raise SystemExit(f"{len(coverage)} vocabulary words did not fit into {count} captions; raise CAPTIONS")
+    return out
+
+
+def main() -> None:
+    import transformers
+    tokenizer_dir = comfy_host.required_comfyui(REPO) / "comfy" / "sd1_tokenizer"
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    count = lambda text: len(tokenizer(text)["input_ids"]) - 2  # noqa: E731  (without BOS and EOS)
+    TARGET.write_text("\n".join(captions(vocab, count)) + "\n", encoding="utf-8")
+
+
 if __name__ == "__main__":
-    target = Path(__file__).resolve().parents[1] / "perfusion_ops" / "data" / "captions.txt"
-    target.write_text("\n".join(captions()) + "\n", encoding="utf-8")
+    main()

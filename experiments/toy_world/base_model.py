@@ -73,6 +73,21 @@ def build_clip(seed: int):
     return clip
 
 
+def shortcut_covariance(clip, captions, covariance_module):
+    """What the pack's covariance.estimate_covariance computes for this context-free CLIP (C = Σ x xᵀ / N over
+    BOS..EOS of every caption's first chunk), through ContextEncoder instead of 12 transformer layers."""
+    encoder = ContextEncoder(clip)
+    end = clip.tokenizer.clip_l.end_token
+    C, count = torch.zeros(768, 768, dtype=torch.float64), 0
+    for caption in captions:
+        ids = [int(t) for t, *_ in clip.tokenize(caption)["l"][0]]
+        length = covariance_module._content_length([(i, 1.0) for i in ids], end)
+        x = encoder(torch.tensor([ids]))[0, :length].double()
+        C += x.T @ x
+        count += length
+    return C / count
+
+
 class ContextEncoder:
     """Exactly the context ComfyUI's CLIP gives, computed as LayerNorm(token + position) from token ids."""
 

@@ -70,19 +70,7 @@ def prefill_covariance(pack, ckpt_name: str) -> dict:
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         return json.loads(info_path.read_text())
-    encoder = base_model.ContextEncoder(clip)
-    end = clip.tokenizer.clip_l.end_token
-
-    def shortcut(captions):
-        C, count = torch.zeros(768, 768, dtype=torch.float64), 0
-        for caption in captions:
-            ids = encoder.token_ids(caption) if len(clip.tokenize(caption)["l"]) == 1 else \
-                [int(t) for t, _ in clip.tokenize(caption)["l"][0]]
-            length = cov._content_length([(i, 1.0) for i in ids], end)
-            x = encoder(torch.tensor([ids]))[0, :length].double()
-            C += x.T @ x
-            count += length
-        return C / count
+    shortcut = lambda captions: base_model.shortcut_covariance(clip, captions, cov)  # noqa: E731
     t0 = time.time()
     reference = cov.estimate_covariance(clip, corpus[:32])
     check = float((shortcut(corpus[:32]) - reference).norm() / reference.norm())
