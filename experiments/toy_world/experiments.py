@@ -296,7 +296,7 @@ def run_two_concepts(runner, ckpt_name, judges, files, beta=0.7, tau=0.15):
 
 def concepts_folder(ckpt_path: Path) -> Path:
     return cache.folder("concepts", {"ckpt": str(ckpt_path), "train": TRAIN, "methods": METHODS,
-                                     "photo_seed": PHOTO_SEED, "text_encoder": "float32", "version": 2})
+                                     "photo_seed": PHOTO_SEED, "text_encoder": "float32", "version": 3})  # 3: recipe and corpus of issues 15/16
 
 
 def add_gate_inputs(ckpt_path: Path, out_dir: Path) -> None:

@@ -304,3 +304,61 @@ def write_report(path: Path, results: dict, stages: dict, command: str, machine:
           f"{_pct(wc['two_objects'])} |")
     w("\n![two concepts](figures/two_concepts.png)\n")
     path.write_text("\n".join(lines) + "\n")
+
+
+GATES_HEADING = "## 6. Gate calibration with the current recipe and corpus"
+
+
+def gates_section(gates: dict, command: str, machine: str, date: str) -> str:
+    """The gate calibration of gates.py (issues 15 and 16): spectrum of C, recorded gate input, leak."""
+    spectrum = gates["spectrum"]
+    lines = [GATES_HEADING, "",
+             f"`{command} --until gates`, {date}; {machine}. No sampling and no judges: the Perfusion concepts "
+             f"(circle and star) trained by the train node with the current recipe ({gates['recipe']['gradient_accumulation']} "
+             f"micro-batches of {gates['train']['batch_size']} per step, {gates['train']['steps']} steps; the file's i* "
+             "is the finished word's encoding) and the covariance of the shipped corpus, on the base model of this "
+             "run. Sections 1-5 come from the earlier run named at the top (older recipe, corpus without "
+             "vocabulary tails).", "",
+             "Spectrum of C on the world's CLIP-L (share of eigenvalues within 10x of the floor RIDGE x mean "
+             "eigenvalue, i.e. directions held up by the ridge rather than by captions):", "",
+             "| corpus | captions | eigenvalues within 10x of the floor |", "|---|---|---|"]
+    names = {"before": "prompts only (before)", "shipped": "with vocabulary tails (shipped)"}
+    for key, row in spectrum.items():
+        lines.append(f"| {names.get(key, key)} | {row['captions']} | {row['near_floor_share']:.1%} |")
+    lines += ["", "Gate on held-out world prompts at the default beta 0.70, tau 0.15 (other backgrounds and positions, "
+              "next to a world object, next to the other concept). Leak: share of the prompts' other tokens (BOS "
+              "through EOS) whose gate opens (> 0.5); goal below 1% with the concept's own gate above 0.9. The same "
+              "trained concept is measured with u = C⁻¹ i* from either corpus's C. `gate_input` is what training "
+              "recorded (r of the word in the pack's own check prompts; goal within 0.1 of 1).", "",
+              "| concept | gate_input (training) | u from corpus | own r | own gate | leak | other tokens | own r over the training templates (min-max) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in gates["concepts"]:
+        for key, m in row["corpora"].items():
+            low, high = m["own_r_templates_range"]
+            lines.append(f"| {row['concept']} | {row['gate_input_recorded']:.3f} | {names.get(key, key)} | "
+                         f"{m['own_r']:.3f} | {m['own_gate']:.3f} | {m['leak']:.2%} | {m['other_tokens']} | "
+                         f"{low:.3f}-{high:.3f} |")
+    examples = [(row["concept"], key, e) for row in gates["concepts"] for key, m in row["corpora"].items()
+                for e in m["leaking_examples"][:2]]
+    if examples:
+        lines += ["", "Examples of open gates on other tokens (prompt, token position, r):", ""]
+        lines += [f"- {concept}, u from {names.get(key, key)}: `{e[0]}`, position {e[1]}, r = {e[2]:.2f}"
+                  for concept, key, e in examples]
+    seconds = gates.get("seconds_training") or {}
+    lines += ["", "Wall time: covariance and spectra {:.1f} min; training {}; measurement {:.1f} min.".format(
+        gates["seconds_covariance"] / 60,
+        ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items() if v) or "cached",
+        gates["seconds_measurement"] / 60), ""]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, heading: str, body: str) -> None:
+    """Put `body` (which starts with `heading`) in place of that section of the Markdown file, or at its end."""
+    text = path.read_text()
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+    path.write_text(text.rstrip("\n") + "\n")

@@ -5,6 +5,7 @@
 Stages, each cached in ~/.cache/comfyui-perfusion/toy_world/<stage>-<config hash>/:
   vae       the TAESD-format VAE (hand-set weights: 8x8 patch means, decoded as mosaics)
   base      the UNet trained on captioned world scenes; the SD1.5-format checkpoint
+  gates     the gate calibration of the Perfusion concepts (no judges, no sampling) -> gates.json, REPORT.md
   judges    small CNNs: attributes (background, position, shape, colour, size) and the held-out concepts
   results   the experiments through ComfyUI's executor and the pack's nodes -> results.json, figures, REPORT.md
 """
@@ -100,7 +101,8 @@ def stage_base(cfg=BASE_CONFIG):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded run used 2, on 2 idle cores)")
-    parser.add_argument("--until", choices=["vae", "base", "judges", "results"], default="results")
+    parser.add_argument("--until", choices=["vae", "base", "gates", "judges", "results"], default="results",
+                        help="gates: the gate calibration (gates.py), which needs no judges and no sampling")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
     parser.add_argument("--only", choices=["judges"], help="run just this stage (its inputs must be cached or cheap)")
     args = parser.parse_args()
@@ -119,6 +121,11 @@ def main():
     stage_base()
     if args.until == "base":
         return
+    if args.until == "gates":
+        import gates
+        gates.run_gates(stage_base(), HERE)
+        write_gates_report()
+        return
     import judges
     import experiments
     judge_path = judges.stage_judges(stage_vae())
@@ -131,13 +138,31 @@ def main():
     log.info("all done in %.0f s", time.time() - start)
 
 
+def write_gates_report():
+    """The gate-calibration section of REPORT.md from gates.json (report.gates_section)."""
+    import datetime
+    import report
+    gates = json.loads((HERE / "gates.json").read_text())
+    command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
+    body = report.gates_section(gates, command, _machine(), datetime.date.today().isoformat())
+    report.replace_section(HERE / "REPORT.md", report.GATES_HEADING, body)
+
+
+def _machine() -> str:
+    import platform
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{cpu}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} thread(s), {platform.system()}; ComfyUI {comfy_env.host_path().name}")
+
+
 def _stage_seconds(stage, cfg, key="seconds"):
     stats = cache.root() / f"{stage}-{cache.key(cfg)}" / "stats.json"
     return json.loads(stats.read_text()).get(key) if stats.is_file() else None
 
 
 def write_report(judge_path):
-    import platform
     import report
     results = json.loads((HERE / "results.json").read_text())
     base_stats = json.loads((cache.root() / f"base-{cache.key(BASE_CONFIG)}" / "stats.json").read_text())
@@ -157,15 +182,13 @@ def write_report(judge_path):
               "concept training (6 concepts)": t.get("concept_training"),
               "beta / tau sweeps": t.get("sweeps"),
               "two concepts": t.get("two_concepts")}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import torch
-    machine = (f"{cpu}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__} with "
-               f"{torch.get_num_threads()} thread(s), {platform.system()}; ComfyUI {comfy_env.host_path().name}")
+    machine = _machine()
     narrative_file = HERE / "narrative.md"
     narrative = narrative_file.read_text() if narrative_file.is_file() else ""
     command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
     report.write_report(HERE / "REPORT.md", results, stages, command, machine, narrative)
+    if (HERE / "gates.json").is_file():
+        write_gates_report()
 
 
 if __name__ == "__main__":
