@@ -6,7 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..perfusion_ops.photos import FITS, MASK_FOLDER, load_photo_folder
+from ..perfusion_ops.photos import DEFAULT_FIT, FITS, MASK_FOLDER, load_photo_folder
 from .common import CATEGORY
 
 
@@ -27,7 +27,7 @@ class PerfusionLoadPhotos(io.ComfyNode):
                                        "file names."),
                 io.Int.Input("size", default=512, min=64, max=2048, step=64,
                              tooltip="Side of the square images (512 for SD1.x/SD2.x, 1024 for SDXL)."),
-                io.Combo.Input("fit", options=list(FITS), default="crop",
+                io.Combo.Input("fit", options=list(FITS), default=DEFAULT_FIT,
                                tooltip="crop: the largest centred square (default). pad: the whole photo on a grey "
                                        "border, which the mask leaves out of training. squash: the whole photo "
                                        "stretched to a square."),
@@ -38,7 +38,7 @@ class PerfusionLoadPhotos(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, folder, size=512, fit="crop") -> io.NodeOutput:
+    def execute(cls, folder, size=512, fit=DEFAULT_FIT) -> io.NodeOutput:
         path = os.path.join(folder_paths.get_input_directory(), folder)
         images, masks, with_masks = load_photo_folder(path, size, fit)
         text = f"{images.shape[0]} photos from input/{folder}, {'with' if with_masks else 'without'} masks"

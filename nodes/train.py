@@ -13,6 +13,7 @@ from comfy_api.latest import io
 from ..perfusion_ops.concept import ARCHITECTURES, ConceptSet, is_valid_name
 from ..perfusion_ops.covariance import cached_covariance, load_covariance_file
 from ..perfusion_ops.host import show_text_on_node
+from ..perfusion_ops.photos import DEFAULT_FIT, FITS, fit_batch
 from ..perfusion_ops.patch import model_architecture
 from ..perfusion_ops.train import TrainSettings, train_concept
 from .common import CATEGORY, COVARIANCE_FOLDER, PerfusionConcept
@@ -22,14 +23,6 @@ DEFAULT = TrainSettings()  # every training default of the node is the recipe's 
 RESOLUTION = 512           # photos' side before encoding: SD1.x/SD2.x's training size (SDXL users pick 1024)
 PREVIEW_EVERY = 0          # no previews unless asked for
 log = logging.getLogger(__name__)
-
-
-def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """[B, H, W, C] images squashed to resolution², bicubic, as the reference recipe does."""
-    if resolution <= 0:
-        return images
-    pixels = images.movedim(-1, 1)
-    return comfy.utils.common_upscale(pixels, resolution, resolution, "bicubic", "disabled").movedim(1, -1).clamp(0, 1)
 
 
 class PerfusionTrainConcept(io.ComfyNode):
@@ -60,8 +53,12 @@ class PerfusionTrainConcept(io.ComfyNode):
                 io.Int.Input("batch_size", default=DEFAULT.batch_size, min=1, max=64, optional=True,
                              tooltip="Photos per micro-batch (reference: 4)."),
                 io.Int.Input("resolution", default=RESOLUTION, min=0, max=2048, step=64, optional=True,
-                             tooltip="Photos are resized to this square size before encoding (512 for SD1.x/SD2.x, "
-                                     "1024 for SDXL); 0 keeps their size."),
+                             tooltip="Photos are made square at this size before encoding (512 for SD1.x/SD2.x, "
+                                     "1024 for SDXL); 0 keeps their scale."),
+                io.Combo.Input("fit", options=list(FITS), default=DEFAULT_FIT, optional=True,
+                               tooltip="How photos that are not square become square. crop: the largest centred "
+                                       "square (keeps the aspect). pad: the whole photo on a grey border, left out "
+                                       "of the loss. squash: stretched (the reference recipe)."),
                 io.Float.Input("value_lr", default=DEFAULT.value_lr, min=0.0, max=1.0, step=0.001, optional=True,
                                tooltip="Learning rate of the value targets (reference: 0.03)."),
                 io.Float.Input("embedding_lr", default=DEFAULT.embedding_lr, min=0.0, max=1.0, step=0.0001, optional=True,
@@ -105,7 +102,7 @@ class PerfusionTrainConcept(io.ComfyNode):
                 embedding_lr=DEFAULT.embedding_lr, train_beta=DEFAULT.beta, train_tau=DEFAULT.tau, flip=DEFAULT.flip,
                 covariance=ESTIMATE, preview_every=PREVIEW_EVERY, train_values=DEFAULT.train_values,
                 train_keys=DEFAULT.train_keys, gradient_accumulation=DEFAULT.gradient_accumulation,
-                gradient_checkpointing=DEFAULT.gradient_checkpointing) -> io.NodeOutput:
+                gradient_checkpointing=DEFAULT.gradient_checkpointing, fit=DEFAULT_FIT) -> io.NodeOutput:
         name = name.strip()
         if not is_valid_name(name):
             raise ValueError(f"name must be one word of letters, digits, '_', '-' or '.' (it is written "
@@ -120,7 +117,10 @@ class PerfusionTrainConcept(io.ComfyNode):
         arch = model_architecture(model)
         context_dim = ARCHITECTURES[arch]["context_dim"]
 
-        pixels = _resize(images[..., :3], resolution)
+        if masks is not None and masks.shape[1:] != images.shape[1:3]:
+            raise ValueError(f"The masks are {masks.shape[2]}x{masks.shape[1]} and the photos "
+                             f"{images.shape[2]}x{images.shape[1]}: give masks of the photos' size.")
+        pixels, masks = fit_batch(images[..., :3], masks, resolution, fit)
         latents = vae.encode(pixels)
         flipped_latents = vae.encode(torch.flip(pixels, dims=[2])) if flip else None
         flipped_masks = torch.flip(masks, dims=[2]) if (flip and masks is not None) else None

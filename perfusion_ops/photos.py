@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 FITS = ("crop", "pad", "squash")
+DEFAULT_FIT = "crop"  # non-square photos keep their aspect
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MASK_FOLDER = "mask"
 PAD_GREY = 0.5
@@ -41,6 +42,22 @@ def fit_square(image: torch.Tensor, size: int, fit: str, fill: float) -> torch.T
     return resized.clamp(0, 1)
 
 
+def fit_batch(images: torch.Tensor, masks, resolution: int, fit: str):
+    """[B, H, W, C] images and optional [B, H, W] masks made square the same way (fit_square): `crop`
+    the centred square, `pad` a grey border that the masks (all ones when none were given) leave out of the
+    loss, `squash` stretched as the reference recipe does. Resolution 0 keeps the photos' scale."""
+    if fit == "squash" and resolution <= 0:
+        return images, masks
+    _, h, w, _ = images.shape
+    size = resolution if resolution > 0 else (min(h, w) if fit == "crop" else max(h, w))
+    if masks is None and fit == "pad" and h != w:
+        masks = torch.ones(images.shape[:3])
+    fitted = torch.stack([fit_square(image.movedim(-1, 0), size, fit, PAD_GREY).movedim(0, -1) for image in images])
+    if masks is not None:
+        masks = torch.stack([fit_square(mask[None].float(), size, fit, 0.0)[0] for mask in masks])
+    return fitted, masks
+
+
 def read_image(path: Path) -> torch.Tensor:
     """A photo as [3, H, W] in 0..1, turned upright by its EXIF orientation (as phones store them)."""
     import numpy as np
@@ -59,7 +76,7 @@ def read_mask(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)[None]
 
 
-def load_photo_folder(folder: Path, size: int, fit: str = "crop") -> tuple[torch.Tensor, torch.Tensor, bool]:
+def load_photo_folder(folder: Path, size: int, fit: str = DEFAULT_FIT) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Photos of `folder` as IMAGE [N, size, size, 3] and masks as MASK [N, size, size], and whether masks were
     found. Masks live in `folder/mask/` under the photos' file names (any image suffix); either every photo has
     one or none does."""

@@ -117,3 +117,24 @@ def test_the_load_photos_node_reads_a_folder_of_the_input_directory(tmp_path, mo
     output = node.execute("my_concept", 64, "crop")
     images, masks = output.args if hasattr(output, "args") else output.result
     assert images.shape == (2, 64, 64, 3) and masks.shape == (2, 64, 64)
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad", "squash"])
+def test_a_batch_and_its_masks_are_fitted_alike(fit):
+    """What the train node feeds the VAE (photos.fit_batch): each photo as fit_square makes it, its mask with the
+    same geometry; with pad and no masks, a mask that leaves the border out of the loss."""
+    from perfusion_ops.photos import fit_batch
+    images = torch.stack([_striped(96, 72), _striped(96, 72).flip(1)]).movedim(1, -1)  # [2, 96, 72, 3]
+    masks = images[..., 0].clone()
+    fitted, fitted_masks = fit_batch(images, masks, 48, fit)
+    assert fitted.shape == (2, 48, 48, 3) and fitted_masks.shape == (2, 48, 48)
+    for n in range(2):
+        assert torch.allclose(fitted[n], fit_square(images[n].movedim(-1, 0), 48, fit, PAD_GREY).movedim(0, -1))
+        assert torch.allclose(fitted_masks[n], fit_square(masks[n][None], 48, fit, 0.0)[0])
+    _, border_masks = fit_batch(images, None, 48, fit)
+    if fit == "pad":
+        assert border_masks[:, :, :5].max() == 0 and border_masks[:, 10:-10, 10:-10].min() > 0.99
+    else:
+        assert border_masks is None
+    kept, kept_masks = fit_batch(images, masks, 0, fit)  # resolution 0: the photos' own scale
+    assert kept.shape[1:3] == {"crop": (72, 72), "pad": (96, 96), "squash": (96, 72)}[fit]
