@@ -1,7 +1,8 @@
-"""What the pack's nodes share: the PERFUSION_CONCEPT socket type and the models/perfusion folder."""
+"""What the pack's nodes share: the PERFUSION_CONCEPT socket type, the models/perfusion folder and saving into it."""
 from __future__ import annotations
 
 import os
+import re
 
 import folder_paths
 from comfy_api.latest import io
@@ -24,3 +25,24 @@ def register_folder(name: str) -> None:
 def register_concept_folder() -> None:
     register_folder(CONCEPT_FOLDER)
     register_folder(COVARIANCE_FOLDER)
+
+
+def next_free_path(folder: str, filename_prefix: str) -> str:
+    """`<folder>/<prefix>_00001.safetensors`, the next free counter; the prefix may name sub-folders."""
+    prefix = filename_prefix.strip().replace("\\", "/")
+    if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ValueError(f"filename_prefix '{filename_prefix}' must be a relative name inside models/perfusion.")
+    directory = os.path.join(folder, os.path.dirname(prefix))
+    base = os.path.basename(prefix)
+    os.makedirs(directory, exist_ok=True)
+    pattern = re.compile(re.escape(base) + r"_(\d{5})\.safetensors$")
+    used = [int(m.group(1)) for f in os.listdir(directory) if (m := pattern.match(f))]
+    return os.path.join(directory, f"{base}_{max(used, default=0) + 1:05d}.safetensors")
+
+
+def save_concept(concept, folder: str, filename_prefix: str) -> str:
+    """Write `concept` to next_free_path(folder, filename_prefix); returns the path."""
+    from ..perfusion_ops.concept_file import write_concept
+    path = next_free_path(folder, filename_prefix)
+    write_concept(concept, path)
+    return path

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import re
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..perfusion_ops.concept import ConceptSet
-from ..perfusion_ops.concept_file import read_concept, write_concept
-from .common import CATEGORY, CONCEPT_FOLDER, PerfusionConcept
+from ..perfusion_ops.concept_file import read_concept
+from .common import CATEGORY, CONCEPT_FOLDER, PerfusionConcept, save_concept
 
 
 class PerfusionLoadConcept(io.ComfyNode):
@@ -43,19 +42,6 @@ class PerfusionLoadConcept(io.ComfyNode):
         return io.NodeOutput(ConceptSet((concept,)), ui={"text": [info]})
 
 
-def _save_path(folder: str, filename_prefix: str) -> str:
-    """`<folder>/<prefix>_00001.safetensors`, the next free counter; the prefix may name sub-folders."""
-    prefix = filename_prefix.strip().replace("\\", "/")
-    if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
-        raise ValueError(f"filename_prefix '{filename_prefix}' must be a relative name inside models/perfusion.")
-    directory = os.path.join(folder, os.path.dirname(prefix))
-    base = os.path.basename(prefix)
-    os.makedirs(directory, exist_ok=True)
-    pattern = re.compile(re.escape(base) + r"_(\d{5})\.safetensors$")
-    used = [int(m.group(1)) for f in os.listdir(directory) if (m := pattern.match(f))]
-    return os.path.join(directory, f"{base}_{max(used, default=0) + 1:05d}.safetensors")
-
-
 class PerfusionSaveConcept(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -82,7 +68,6 @@ class PerfusionSaveConcept(io.ComfyNode):
             prefix = filename_prefix if "{name}" in filename_prefix or len(concept.concepts) == 1 \
                 else filename_prefix + "_{name}"  # one file per concept of a set
             prefix = prefix.replace("{name}", c.name)
-            path = _save_path(folder, prefix)
-            write_concept(c, path)
+            path = save_concept(c, folder, prefix)
             saved.append(os.path.relpath(path, folder))
         return io.NodeOutput(ui={"text": saved})

@@ -16,12 +16,14 @@ from ..perfusion_ops.host import show_text_on_node
 from ..perfusion_ops.photos import DEFAULT_FIT, FITS, fit_batch
 from ..perfusion_ops.patch import model_architecture
 from ..perfusion_ops.train import TrainSettings, train_concept
-from .common import CATEGORY, COVARIANCE_FOLDER, PerfusionConcept
+from .common import CATEGORY, CONCEPT_FOLDER, COVARIANCE_FOLDER, PerfusionConcept, save_concept
 
 ESTIMATE = "estimate from this CLIP"
 DEFAULT = TrainSettings()  # every training default of the node is the recipe's own
 RESOLUTION = 512           # photos' side before encoding: SD1.x/SD2.x's training size (SDXL users pick 1024)
 PREVIEW_EVERY = 0          # no previews unless asked for
+SAVE_EVERY = 0             # no snapshots unless asked for
+SAVE_ON_CANCEL = True      # a cancelled run keeps what it learned, under a name that says so
 log = logging.getLogger(__name__)
 
 
@@ -86,6 +88,18 @@ class PerfusionTrainConcept(io.ComfyNode):
                              optional=True,
                              tooltip="Micro-batches per optimisation step: the step sees batch_size x this many "
                                      "photos (reference: 4 x 4 = 16). Memory stays that of one micro-batch."),
+                io.Int.Input("save_every", default=SAVE_EVERY, min=0, max=100000, optional=True,
+                             tooltip="Save a snapshot of the concept every N steps, to pick the best one later: "
+                                     "models/perfusion/<name>_snapshots/<name>_step<N>_00001.safetensors "
+                                     "(0: no snapshots)."),
+                io.Boolean.Input("save_on_cancel", default=SAVE_ON_CANCEL, optional=True,
+                                 tooltip="When the run is cancelled, save what was learned so far as "
+                                         "models/perfusion/<name>_snapshots/<name>_cancelled_step<N>_00001.safetensors "
+                                         "(never under the final name)."),
+                PerfusionConcept.Input("resume_from", optional=True,
+                                       tooltip="A concept to continue training (e.g. a snapshot from Load Concept): "
+                                               "its word vector, values and i* are the start. The optimizer starts "
+                                               "afresh; steps counts the new steps."),
                 io.Boolean.Input("gradient_checkpointing", default=DEFAULT.gradient_checkpointing, optional=True,
                                  tooltip="Recompute the UNet's layers during the backward pass instead of keeping "
                                          "their activations: a fraction of the memory (SDXL: about a third), up to twice the time "
@@ -102,7 +116,8 @@ class PerfusionTrainConcept(io.ComfyNode):
                 embedding_lr=DEFAULT.embedding_lr, train_beta=DEFAULT.beta, train_tau=DEFAULT.tau, flip=DEFAULT.flip,
                 covariance=ESTIMATE, preview_every=PREVIEW_EVERY, train_values=DEFAULT.train_values,
                 train_keys=DEFAULT.train_keys, gradient_accumulation=DEFAULT.gradient_accumulation,
-                gradient_checkpointing=DEFAULT.gradient_checkpointing, fit=DEFAULT_FIT) -> io.NodeOutput:
+                gradient_checkpointing=DEFAULT.gradient_checkpointing, fit=DEFAULT_FIT, save_every=SAVE_EVERY,
+                save_on_cancel=SAVE_ON_CANCEL, resume_from: ConceptSet | None = None) -> io.NodeOutput:
         name = name.strip()
         if not is_valid_name(name):
             raise ValueError(f"name must be one word of letters, digits, '_', '-' or '.' (it is written "
@@ -116,6 +131,8 @@ class PerfusionTrainConcept(io.ComfyNode):
                 raise ValueError(f"{masks.shape[0]} masks for {images.shape[0]} images: give one mask per image.")
         arch = model_architecture(model)
         context_dim = ARCHITECTURES[arch]["context_dim"]
+        if resume_from is not None and len(resume_from.concepts) != 1:
+            raise ValueError(f"resume_from holds {len(resume_from.concepts)} concepts; connect one concept to continue.")
 
         if masks is not None and masks.shape[1:] != images.shape[1:3]:
             raise ValueError(f"The masks are {masks.shape[2]}x{masks.shape[1]} and the photos "
@@ -154,10 +171,20 @@ class PerfusionTrainConcept(io.ComfyNode):
                                  train_values=train_values, train_keys=train_keys,
                                  gradient_accumulation=gradient_accumulation,
                                  gradient_checkpointing=gradient_checkpointing)
+        concept_folder = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
+
+        def save_snapshot(kind):
+            def save(steps_done, snapshot):
+                path = save_concept(snapshot, concept_folder, f"{name}_snapshots/{name}_{kind}{steps_done:05d}")
+                log.info("Perfusion training '%s': %s saved to %s", name, kind.rstrip("_"), path)
+            return save
+
         concept, losses = train_concept(
             model, clip, latents, name, superclass, C, covariance_id, settings, masks=masks,
             flipped_latents=flipped_latents, flipped_masks=flipped_masks, on_step=on_step,
-            on_status=lambda text: show_text_on_node(f"training: {text}", cls.hidden.unique_id))
+            on_status=lambda text: show_text_on_node(f"training: {text}", cls.hidden.unique_id),
+            initial=None if resume_from is None else resume_from.concepts[0], snapshot_every=save_every,
+            on_snapshot=save_snapshot("step"), on_cancel=save_snapshot("cancelled_step") if save_on_cancel else None)
         precision = json.loads(concept.train)["precision"]  # what training recorded in the concept
         summary = f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps; {precision}"
         return io.NodeOutput(ConceptSet((concept,)), {"loss": losses}, ui={"text": [summary]})

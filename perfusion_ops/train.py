@@ -126,7 +126,7 @@ class _Training:
     `settings.gradient_accumulation` micro-batches."""
 
     def __init__(self, train_model, train_clip, photos, name, superclass, arch, token_ids, C_inv, covariance_id,
-                 settings: TrainSettings):
+                 settings: TrainSettings, initial: Concept | None = None):
         self.unet = train_model.model
         self.sampling = train_model.get_model_object("model_sampling")
         self.device = train_model.load_device
@@ -138,19 +138,30 @@ class _Training:
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.rng = random.Random(settings.seed)
         self.loss_scale = loss_scale_for(self.dtype, settings.loss_scaling)
-        self.embeddings = {encoder: torch.nn.Parameter(_word_embedding(train_clip, encoder, token).float()[None])
-                           for encoder, token in token_ids.items()}
+        if initial is None:
+            self.embeddings = {encoder: torch.nn.Parameter(_word_embedding(train_clip, encoder, token).float()[None])
+                               for encoder, token in token_ids.items()}
+        else:  # resume: continue the file's word vectors; its values, keys and i*, i_super follow below
+            self.embeddings = {encoder: torch.nn.Parameter(initial.embeddings[encoder].float().clone())
+                               for encoder in token_ids}
         self.concept_clip = clip_with_word_vectors(train_clip, {name: self.embeddings})
-        # i* and i_super start at the superclass's own encoding (the reference starts from it too), and so do the
-        # value targets (o*_V = W_v i_super) and, when learned, the key targets (where locking would keep them).
         with torch.no_grad():
-            # (the word vector starts as the superclass's, so the concept's prompts give its positions)
-            self.i_super = _encode_prompts(self.concept_clip, train_clip, TEMPLATES, name, superclass)[3]
-            self.i_star = self.i_super.clone()
-            self.values = {path: torch.nn.Parameter(self._project(attn.to_v, self.i_super))
-                           for path, attn in self.layers.items()}
-            self.keys = {path: torch.nn.Parameter(self._project(attn.to_k, self.i_super))
-                         for path, attn in self.layers.items()} if settings.train_keys else {}
+            if initial is not None:
+                self.i_super, self.i_star = initial.i_super.double(), initial.i_star.double()
+                self.values = {path: torch.nn.Parameter(initial.values[path].float().clone()) for path in self.layers}
+                self.keys = {path: torch.nn.Parameter(initial.keys[path].float().clone() if path in initial.keys
+                                                      else self._project(attn.to_k, self.i_super))
+                             for path, attn in self.layers.items()} if settings.train_keys else {}
+            else:
+                # i* and i_super start at the superclass's own encoding (the reference starts from it too), and so
+                # do the value targets (o*_V = W_v i_super) and, when learned, the key targets (where locking would
+                # keep them). The word vector starts as the superclass's, so the concept's prompts give its positions.
+                self.i_super = _encode_prompts(self.concept_clip, train_clip, TEMPLATES, name, superclass)[3]
+                self.i_star = self.i_super.clone()
+                self.values = {path: torch.nn.Parameter(self._project(attn.to_v, self.i_super))
+                               for path, attn in self.layers.items()}
+                self.keys = {path: torch.nn.Parameter(self._project(attn.to_k, self.i_super))
+                             for path, attn in self.layers.items()} if settings.train_keys else {}
         groups = [{"params": list(self.embeddings.values()), "lr": settings.embedding_lr}]
         if settings.train_values:
             groups.append({"params": list(self.values.values()), "lr": settings.value_lr})
@@ -220,19 +231,35 @@ class _Training:
         u = metric_vector(self.C_inv, i_star)
         return i_star, u, [own_gate_input(self.word_encoding([prompt]), i_star, u) for prompt in GATE_CHECK_PROMPTS]
 
+    def concept(self, losses: list[float], record: dict) -> tuple[Concept, list[float]]:
+        """The concept as learned so far (what the file stores: i* and u of the word as it is now), and its
+        word's gate input in each of GATE_CHECK_PROMPTS."""
+        i_star, u, gate_inputs = self.finished_gate()
+        concept = _concept(self.name, self.superclass, self.arch, self.embeddings, i_star, u, self.i_super.float(),
+                           self.values, self.covariance_id, self.settings, losses, detach=True, keys=self.keys,
+                           record={"gate_input": sum(gate_inputs) / len(gate_inputs), **record})
+        return concept, gate_inputs
+
 
 def train_concept(model, clip, latents, name: str, superclass: str, covariance: torch.Tensor, covariance_id: str,
                   settings: TrainSettings = TrainSettings(), masks=None, flipped_latents=None, flipped_masks=None,
-                  on_step=None, on_status=None) -> tuple[Concept, list[float]]:
+                  on_step=None, on_status=None, initial: Concept | None = None, snapshot_every: int = 0,
+                  on_snapshot=None, on_cancel=None) -> tuple[Concept, list[float]]:
     """Learn a concept from `latents` [N, 4, h, w] (VAE output) and optional soft `masks` [N, h, w].
 
     `on_step(step, loss, x0_prediction)` is called after every step (progress, previews, cancel);
-    `on_status(text)` once, with the precision training runs in.
+    `on_status(text)` once, with the precision training runs in. `initial`: a concept to continue (its word
+    vectors, value and key targets, i* and i_super; the optimizer starts afresh). Every `snapshot_every` steps
+    `on_snapshot(steps, concept)` gets the concept as it is; when the run is cancelled (ComfyUI's interrupt),
+    `on_cancel(steps, concept)` gets what was learned so far, and the interruption goes on. The concept records
+    `steps_done`, counted across resumed runs.
     With `settings.train_values` off only the word vectors are learned (textual inversion, a baseline);
     with `settings.train_keys` on the key targets are learned too instead of locked (an ablation).
     """
     import comfy.model_management as mm
     arch, token_ids = _checked_setup(model, clip, superclass, settings)
+    if initial is not None:
+        check_resumable(initial, model, arch, settings)
     setup = clip_setup(clip)  # recorded, so that applying the concept with another setup warns
     C_inv = inverse(covariance)
     train_model, train_clip = trainable_clones(model, clip, settings.gradient_checkpointing)
@@ -242,26 +269,34 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
             mm.load_models_gpu([train_model, train_clip.patcher])
             photos = _Photos(train_model.model, latents, masks, flipped_latents, flipped_masks)
             run = _Training(train_model, train_clip, photos, name, superclass, arch, token_ids, C_inv,
-                            covariance_id, settings)
+                            covariance_id, settings, initial)
             precision = describe(run.dtype, run.loss_scale)
             log.info("Perfusion training '%s': %s", name, precision)
             if on_status is not None:
                 on_status(precision)
             losses = []
-            for step in range(settings.steps):
-                loss, x0_prediction = run.step()
-                losses.append(loss)
-                if on_step is not None:
-                    on_step(step, loss, x0_prediction)
-            i_star, u, gate_inputs = run.finished_gate()
-        gate_input = sum(gate_inputs) / len(gate_inputs)
-        _check_gate_input(name, gate_input, gate_inputs)
+            record = {"precision": precision, "clip_setup": setup}
+            done_before = 0 if initial is None else int(json.loads(initial.train or "{}").get("steps_done") or 0)
+            if initial is not None:
+                record["resumed_after_steps"] = done_before
+            try:
+                for step in range(settings.steps):
+                    loss, x0_prediction = run.step()
+                    losses.append(loss)
+                    if on_step is not None:
+                        on_step(step, loss, x0_prediction)
+                    if on_snapshot is not None and snapshot_every > 0 and (step + 1) % snapshot_every == 0:
+                        on_snapshot(step + 1, run.concept(losses, {**record, "steps_done": done_before + step + 1})[0])
+            except mm.InterruptProcessingException:
+                if on_cancel is not None and losses:
+                    on_cancel(len(losses), run.concept(losses, {**record, "steps_done": done_before + len(losses),
+                                                                "cancelled": True})[0])
+                raise
+            final, gate_inputs = run.concept(losses, {**record, "steps_done": done_before + settings.steps})
+        _check_gate_input(name, json.loads(final.train)["gate_input"], gate_inputs)
         if run.loss_scale.skipped:
             log.info("Perfusion training '%s': %d of %d steps skipped for float16 overflow (loss scale now %g)",
                      name, run.loss_scale.skipped, settings.steps, run.loss_scale.scale)
-        final = _concept(name, superclass, arch, run.embeddings, i_star, u, run.i_super.float(), run.values,
-                         covariance_id, settings, losses, detach=True, keys=run.keys,
-                         record={"gate_input": gate_input, "precision": precision, "clip_setup": setup})
         return final, losses
     finally:
         host.unload(train_model, train_clip.patcher)
@@ -275,6 +310,16 @@ def _checked_setup(model, clip, superclass: str, settings: TrainSettings) -> tup
     if settings.gradient_accumulation < 1 or settings.batch_size < 1:
         raise PerfusionError("batch_size and gradient_accumulation must be at least 1.")
     return arch, superclass_tokens(clip, superclass)
+
+
+def check_resumable(initial: Concept, model, arch: str, settings: TrainSettings) -> None:
+    """A concept to continue must fit this model (architecture, layers) and carry one word vector per encoder."""
+    from .patch import check_concept_fits
+    check_concept_fits(initial, model.model.diffusion_model, arch)
+    for encoder, vectors in initial.embeddings.items():
+        if vectors.shape[0] != 1:
+            raise PerfusionError(f"Concept '{initial.name}' has {vectors.shape[0]} word vectors for {encoder}; "
+                                 "training continues a concept with one.")
 
 
 def own_gate_input(encoding: torch.Tensor, i_star: torch.Tensor, u: torch.Tensor) -> float:

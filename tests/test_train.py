@@ -245,7 +245,7 @@ class PhotoBatch:
         return load_photos(concept, size)
 
 
-def train_graph(name, steps, masks=True, save=True, arch="sd1", dtype="float32", accumulation=1):
+def train_graph(name, steps, masks=True, save=True, arch="sd1", dtype="float32", accumulation=1, **inputs):
     """Photos, train and (optionally) save, on the tiny model loaded in `dtype`; one micro-batch per step unless
     `accumulation` says otherwise (the node's default, 4, would only make these tests slower)."""
     graph = {
@@ -255,7 +255,7 @@ def train_graph(name, steps, masks=True, save=True, arch="sd1", dtype="float32",
         "3": {"class_type": "PerfusionTrainConcept", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "name": name,
             "superclass": "teddy", "steps": steps, "seed": 1, "batch_size": 2, "resolution": 64, "preview_every": 2,
-            "gradient_accumulation": accumulation}},
+            "gradient_accumulation": accumulation, **inputs}},
     }
     if masks:
         graph["3"]["inputs"]["masks"] = ["2", 1]
@@ -315,7 +315,9 @@ def test_train_save_load_apply_through_the_executor(arch, perfusion_dir, small_c
     assert ours.shape == superclass.shape and not torch.allclose(ours, superclass)
 
 
-def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_on_cancel", [False, True])
+def test_cancel_keeps_no_file_or_a_clearly_named_one_and_no_changed_model(save_on_cancel, perfusion_dir, small_corpus,
+                                                                         tmp_path, monkeypatch):
     import comfy.model_management
     import comfy.utils
     import folder_paths
@@ -334,7 +336,7 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
             comfy.model_management.interrupt_current_processing(True)  # what the Cancel button does
     monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", cancel_at_step_3)
 
-    prompt = train_graph("cancelled", steps=50)
+    prompt = train_graph("cancelled", steps=50, save_on_cancel=save_on_cancel)
     valid, error, outputs, _ = asyncio.run(execution.validate_prompt("cancel", prompt, None))
     assert valid, error
     executor = new_executor()
@@ -342,13 +344,69 @@ def test_cancel_leaves_no_file_and_no_changed_model(perfusion_dir, small_corpus,
     comfy.model_management.interrupt_current_processing(False)
     assert not executor.success
     assert executor.status_messages[-1][0] == "execution_interrupted"
-    assert list(perfusion_dir.rglob("*")) == [], "a cancelled training left files behind"
+    files = sorted(p.relative_to(perfusion_dir).as_posix() for p in perfusion_dir.rglob("*.safetensors"))
+    if save_on_cancel:
+        # Cancelled while step 3 reported; the node notices before step 5, so 4 steps were learned. The file is
+        # named after them, never under the final name.
+        assert files == ["cancelled_snapshots/cancelled_cancelled_step00004_00001.safetensors"], files
+        from perfusion_ops.concept_file import read_concept
+        record = json.loads(read_concept(perfusion_dir / files[0]).train)
+        assert record["steps_done"] == 4 and record["cancelled"] is True
+    else:
+        assert files == [], "a cancelled training left files behind"
+    assert not list(perfusion_dir.rglob("*.tmp*")), "a half-written file was left behind"
     # The loaded model (from the executor's cache) samples exactly as a fresh load does.
     cached_model = cached_outputs(executor, "1")[0][0]
     fresh = tiny_model("sd1", std=0.2)
     for (k, v), (k2, v2) in zip(sorted(cached_model.model.state_dict().items()), sorted(fresh.model.state_dict().items())):
         assert k == k2 and torch.equal(v, v2), f"{k} changed by the cancelled run"
     assert not cached_model.weight_wrapper_patches and not cached_model.object_patches
+
+
+def test_snapshots_every_n_steps_and_resume_continues_from_the_file(perfusion_dir, small_corpus, tmp_path,
+                                                                    monkeypatch):
+    """save_every writes the concept as it is at steps N, 2N, ... (the last equals the final concept); resume_from
+    starts from a file's word vector and values: with zero learning rates the result keeps them exactly."""
+    import folder_paths
+    import nodes
+    from support.comfy_runner import run_prompt
+    from perfusion_ops.concept_file import read_concept
+    register_test_nodes()
+    nodes.NODE_CLASS_MAPPINGS["PerfusionTestPhotos"] = PhotoBatch
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "perfusion_covariance", ([str(tmp_path / "cov")], {".safetensors"}))
+    run_prompt(train_graph("hugsy", steps=4, save_every=2))
+    snapshots = sorted(p.relative_to(perfusion_dir).as_posix() for p in (perfusion_dir / "hugsy_snapshots").iterdir())
+    assert snapshots == ["hugsy_snapshots/hugsy_step00002_00001.safetensors",
+                         "hugsy_snapshots/hugsy_step00004_00001.safetensors"], snapshots
+    at_2, at_4 = (read_concept(perfusion_dir / name) for name in snapshots)
+    final = read_concept(perfusion_dir / "hugsy_00001.safetensors")
+    assert [json.loads(c.train)["steps_done"] for c in (at_2, at_4, final)] == [2, 4, 4]
+    assert torch.equal(at_4.embeddings["clip_l"], final.embeddings["clip_l"])
+    assert all(torch.equal(at_4.values[p], final.values[p]) for p in final.values)
+    assert not torch.equal(at_2.embeddings["clip_l"], final.embeddings["clip_l"])
+
+    # Resume from the step-2 snapshot with zero learning rates: the file's tensors come through unchanged.
+    folder_paths.filename_list_cache.pop("perfusion", None)
+    graph = train_graph("hugsy", steps=2, value_lr=0.0, embedding_lr=0.0, resume_from=["5", 0])
+    graph["5"] = {"class_type": "PerfusionLoadConcept", "inputs": {"concept_name": snapshots[0]}}
+    graph["4"]["inputs"]["filename_prefix"] = "resumed"
+    run_prompt(graph)
+    resumed = read_concept(perfusion_dir / "resumed_00001.safetensors")
+    assert torch.equal(resumed.embeddings["clip_l"], at_2.embeddings["clip_l"])
+    assert all(torch.equal(resumed.values[p], at_2.values[p]) for p in at_2.values)
+    assert torch.allclose(resumed.i_star, at_2.i_star, atol=1e-5)
+    # i_super goes on as a moving average (1% per micro-batch) from the file's
+    assert 0 < (resumed.i_super - at_2.i_super).norm() < 0.03 * at_2.i_super.norm()
+    record = json.loads(resumed.train)
+    assert record["resumed_after_steps"] == 2 and record["steps_done"] == 4
+    # With learning rates, continuing the snapshot differs from starting over with the same seed.
+    folder_paths.filename_list_cache.pop("perfusion", None)
+    graph = train_graph("hugsy", steps=2, resume_from=["5", 0])
+    graph["5"] = {"class_type": "PerfusionLoadConcept", "inputs": {"concept_name": snapshots[0]}}
+    graph["4"]["inputs"]["filename_prefix"] = "continued"
+    run_prompt(graph)
+    continued = read_concept(perfusion_dir / "continued_00001.safetensors")
+    assert not torch.equal(continued.embeddings["clip_l"], at_2.embeddings["clip_l"])
 
 
 def test_train_node_refuses_bad_input_clearly():
