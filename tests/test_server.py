@@ -281,7 +281,10 @@ def test_concurrent_prompts_with_one_training_cancelled_midway(server, object_in
     assert "execution_interrupted" in [m[0] for m in status["messages"]], status["messages"]
     assert 1 <= steps_done < long_steps
     assert output_files(entries[ids["cancelled"]]) == [] and not saved_concepts(entries[ids["cancelled"]])
-    assert not list((server.models / "perfusion").glob("cancelled*")), "the cancelled run saved a concept"
+    # Nothing under the final name; what it learned (save_on_cancel, on by default) only under a name saying so.
+    assert not list((server.models / "perfusion").glob("cancelled*.safetensors")), "the cancelled run saved a concept"
+    kept = [p.name for p in (server.models / "perfusion" / "cancelled_snapshots").glob("*.safetensors")]
+    assert len(kept) == 1 and kept[0].startswith("cancelled_cancelled_step"), kept
     check_nothing_half_written(server)
     assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
 
