@@ -73,7 +73,6 @@ def main() -> None:
             log.info("%s", rows[-1])
     env = environment(host)
     body = "\n".join([
-        HEADING, "",
         f"`python benchmarks/bench_covariance_spectrum.py --write`; {env['date']}, {env['machine']}, torch "
         f"{env['torch']}, ComfyUI {env['ComfyUI']}. Share of C's eigenvalues within {NEAR_FLOOR:g}x of the floor "
         f"(RIDGE = {covariance.RIDGE:g} x the mean eigenvalue): directions held up by the ridge, not by captions. "
