@@ -1,6 +1,7 @@
 """Issue 4: training a concept, the covariance, cancel; through ComfyUI's executor where it matters."""
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -346,12 +347,14 @@ def test_cancel_keeps_no_file_or_a_clearly_named_one_and_no_changed_model(save_o
     assert executor.status_messages[-1][0] == "execution_interrupted"
     files = sorted(p.relative_to(perfusion_dir).as_posix() for p in perfusion_dir.rglob("*.safetensors"))
     if save_on_cancel:
-        # Cancelled while step 3 reported; the node notices before step 5, so 4 steps were learned. The file is
-        # named after them, never under the final name.
-        assert files == ["cancelled_snapshots/cancelled_cancelled_step00004_00001.safetensors"], files
+        # Cancelled while step 3 reported: measured, the run stops after 3 steps on v0.33.0 and 4 on v0.3.64 (where
+        # the node notices before the next step). The file is named after them, never under the final name.
+        assert len(files) == 1, files
+        match = re.fullmatch(r"cancelled_snapshots/cancelled_cancelled_step(\d{5})_00001\.safetensors", files[0])
+        assert match and int(match.group(1)) in (3, 4), files
         from perfusion_ops.concept_file import read_concept
         record = json.loads(read_concept(perfusion_dir / files[0]).train)
-        assert record["steps_done"] == 4 and record["cancelled"] is True
+        assert record["steps_done"] == int(match.group(1)) and record["cancelled"] is True
     else:
         assert files == [], "a cancelled training left files behind"
     assert not list(perfusion_dir.rglob("*.tmp*")), "a half-written file was left behind"
