@@ -34,9 +34,9 @@ def text_encoder_fingerprint(clip, corpus: list[str]) -> str:
 
 
 def _content_length(tokens: list, end_token: int) -> int:
-    """Number of tokens from BOS through the first EOS (padding excluded)."""
+    """Number of tokens from BOS through the first EOS (padding excluded); word vectors are not token ids."""
     for index, item in enumerate(tokens[1:], start=1):
-        if item[0] == end_token:
+        if isinstance(item[0], int) and item[0] == end_token:
             return index + 1
     return len(tokens)
 

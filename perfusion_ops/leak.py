@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .concept import INFERENCE_BETA, INFERENCE_TAU, Concept
+from .covariance import _content_length
 from .rank1 import gate
 
 OPEN = 0.5  # a gate above this counts as open
@@ -34,8 +35,7 @@ def token_gate_inputs(clip, concept: Concept, prompt: str) -> tuple[torch.Tensor
     chunk = next(iter(tokens.values()))[0]
     tokenizer = next(getattr(clip.tokenizer, a) for a in ("clip_l", "clip_h", "clip_g") if hasattr(clip.tokenizer, a))
     ids = [item[0] for item in chunk]
-    length = next((i + 1 for i, t in enumerate(ids[1:], start=1) if isinstance(t, int) and t == tokenizer.end_token),
-                  len(ids))
+    length = _content_length(chunk, tokenizer.end_token)
     with torch.no_grad():
         context = clip.encode_from_tokens(tokens)[0, :length].double()
     u, i_star = concept.u.double(), concept.i_star.double()
