@@ -10,13 +10,18 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from comfy_api.latest import ui
+
 from ..perfusion_ops.concept import ARCHITECTURES, ConceptSet, is_valid_name
 from ..perfusion_ops.covariance import cached_covariance, load_covariance_file
 from ..perfusion_ops.host import show_text_on_node
 from ..perfusion_ops.photos import DEFAULT_FIT, FITS, fit_batch
-from ..perfusion_ops.patch import model_architecture
+from ..perfusion_ops.patch import apply_concepts, model_architecture
+from ..perfusion_ops.text import clip_with_concepts
 from ..perfusion_ops.train import TrainSettings, train_concept
 from .common import CATEGORY, CONCEPT_FOLDER, COVARIANCE_FOLDER, PerfusionConcept, save_concept
+from .images import captioned
+from .render import empty_latent, encode, preview, render
 
 ESTIMATE = "estimate from this CLIP"
 DEFAULT = TrainSettings()  # every training default of the node is the recipe's own
@@ -24,6 +29,10 @@ RESOLUTION = 512           # photos' side before encoding: SD1.x/SD2.x's trainin
 PREVIEW_EVERY = 0          # no previews unless asked for
 SAVE_EVERY = 0             # no snapshots unless asked for
 SAVE_ON_CANCEL = True      # a cancelled run keeps what it learned, under a name that says so
+VALIDATE_EVERY = 0         # validation renders only at the end unless asked for
+VALIDATION_STEPS = 12      # a few sampler steps: enough to see the concept, cheap next to the training
+VALIDATION_CFG = 7.0       # the KSampler default; with the sampler and scheduler below, what a user first renders with
+VALIDATION_SAMPLER, VALIDATION_SCHEDULER = "euler", "normal"
 log = logging.getLogger(__name__)
 
 
@@ -96,6 +105,16 @@ class PerfusionTrainConcept(io.ComfyNode):
                                  tooltip="When the run is cancelled, save what was learned so far as "
                                          "models/perfusion/<name>_snapshots/<name>_cancelled_step<N>_00001.safetensors "
                                          "(never under the final name)."),
+                io.String.Input("validation_prompt", default="", optional=True,
+                                tooltip="A prompt to render with the concept as it is while it trains, e.g. 'a photo "
+                                        "of embedding:my_concept on a beach' (empty: no renders). The renders use "
+                                        "the training seed, the photos' size, euler/normal, cfg 7 and the concept's "
+                                        "recommended beta/tau; each shows on the node as it is made and all come "
+                                        "out of 'validation', captioned with their step."),
+                io.Int.Input("validate_every", default=VALIDATE_EVERY, min=0, max=100000, optional=True,
+                             tooltip="Render the validation prompt every N steps, and at the end (0: only at the end)."),
+                io.Int.Input("validation_steps", default=VALIDATION_STEPS, min=1, max=100, optional=True,
+                             tooltip="Sampler steps of each validation render."),
                 PerfusionConcept.Input("resume_from", optional=True,
                                        tooltip="A concept to continue training (e.g. a snapshot from Load Concept): "
                                                "its word vector, values and i* are the start. The optimizer starts "
@@ -107,7 +126,10 @@ class PerfusionTrainConcept(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[PerfusionConcept.Output(display_name="concept", tooltip="The trained concept."),
-                     io.LossMap.Output(display_name="loss", tooltip="Loss per step, for 'Plot Loss Graph'.")],
+                     io.LossMap.Output(display_name="loss", tooltip="Loss per step, for 'Plot Loss Graph'."),
+                     io.Image.Output(display_name="validation",
+                                     tooltip="The validation renders in order, each captioned with its step (an empty "
+                                             "batch without a validation prompt).")],
         )
 
     @classmethod
@@ -117,7 +139,8 @@ class PerfusionTrainConcept(io.ComfyNode):
                 covariance=ESTIMATE, preview_every=PREVIEW_EVERY, train_values=DEFAULT.train_values,
                 train_keys=DEFAULT.train_keys, gradient_accumulation=DEFAULT.gradient_accumulation,
                 gradient_checkpointing=DEFAULT.gradient_checkpointing, fit=DEFAULT_FIT, save_every=SAVE_EVERY,
-                save_on_cancel=SAVE_ON_CANCEL, resume_from: ConceptSet | None = None) -> io.NodeOutput:
+                save_on_cancel=SAVE_ON_CANCEL, resume_from: ConceptSet | None = None, validation_prompt="",
+                validate_every=VALIDATE_EVERY, validation_steps=VALIDATION_STEPS) -> io.NodeOutput:
         name = name.strip()
         if not is_valid_name(name):
             raise ValueError(f"name must be one word of letters, digits, '_', '-' or '.' (it is written "
@@ -179,12 +202,32 @@ class PerfusionTrainConcept(io.ComfyNode):
                 log.info("Perfusion training '%s': %s saved to %s", name, kind.rstrip("_"), path)
             return save
 
+        validation_prompt = validation_prompt.strip()
+        renders = []
+
+        def validate(steps_done, snapshot):
+            concept_clip = clip_with_concepts(clip, [snapshot])
+            image = render(apply_concepts(model, [snapshot]), vae, encode(concept_clip, validation_prompt),
+                           encode(concept_clip, ""), empty_latent(pixels.shape[2], pixels.shape[1]), seed,
+                           validation_steps, VALIDATION_CFG, VALIDATION_SAMPLER, VALIDATION_SCHEDULER)[0]
+            renders.append(captioned(image, f"step {steps_done}"))
+            progress.update_absolute(min(steps_done, steps), steps, preview(image))
+
+        every_n_steps = [(save_every, save_snapshot("step"))]
+        if validation_prompt:
+            every_n_steps.append((validate_every, validate))
         concept, losses = train_concept(
             model, clip, latents, name, superclass, C, covariance_id, settings, masks=masks,
             flipped_latents=flipped_latents, flipped_masks=flipped_masks, on_step=on_step,
             on_status=lambda text: show_text_on_node(f"training: {text}", cls.hidden.unique_id),
-            initial=None if resume_from is None else resume_from.concepts[0], snapshot_every=save_every,
-            on_snapshot=save_snapshot("step"), on_cancel=save_snapshot("cancelled_step") if save_on_cancel else None)
+            initial=None if resume_from is None else resume_from.concepts[0], every_n_steps=every_n_steps,
+            on_cancel=save_snapshot("cancelled_step") if save_on_cancel else None)
+        if validation_prompt and (validate_every == 0 or steps % validate_every != 0):
+            validate(steps, concept)
         precision = json.loads(concept.train)["precision"]  # what training recorded in the concept
         summary = f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps; {precision}"
-        return io.NodeOutput(ConceptSet((concept,)), {"loss": losses}, ui={"text": [summary]})
+        shown = {"text": [summary]}
+        validation = torch.stack(renders) if renders else torch.zeros(0, pixels.shape[1], pixels.shape[2], 3)
+        if renders:
+            shown.update(ui.PreviewImage(validation, cls=cls).as_dict())
+        return io.NodeOutput(ConceptSet((concept,)), {"loss": losses}, validation, ui=shown)

@@ -97,7 +97,8 @@ def cached_covariance(clip, cache_dir: Path, on_progress=None) -> tuple[torch.Te
         except ValueError as error:  # a damaged cache entry is ours to replace, not the user's problem
             log.warning("Perfusion: %s Estimating it again and replacing the cache entry.", error)
     log.info("Perfusion: estimating the covariance over %d captions (once per text-encoder setup)", len(corpus))
-    C = estimate_covariance(clip, corpus, on_progress)
+    # Rounded to float32 as the cache keeps it: a first run and a run that reads the cache train the same concept.
+    C = estimate_covariance(clip, corpus, on_progress).float().double()
     path.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors.torch.save({"covariance": C.float().contiguous()},
                                   metadata={"perfusion.fingerprint": fingerprint, "captions": str(len(corpus))})

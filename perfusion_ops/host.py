@@ -121,6 +121,18 @@ def copy_inference_weights_at_use(patcher) -> None:
                 patcher.add_weight_wrapper(f"{name}.{param}", identity)
 
 
+def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+           latent_image: torch.Tensor) -> torch.Tensor:
+    """Denoised latents, as the KSampler node samples them (nodes.common_ksampler: the latent's channels fixed
+    for the model, noise from the seed, comfy.sample.sample), without its progress bar, so that a render inside
+    another node's work (a training's validation, a sweep's cells) leaves that node's bar alone."""
+    import comfy.sample
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent_image)
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                               disable_pbar=True, seed=seed)
+
+
 def show_text_on_node(text: str, node_id) -> None:
     """Text on a node in the editor (server.PromptServer.instance.send_progress_text); a no-op without a server."""
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -300,3 +300,23 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = INFEREN
     patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
     patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, PerfusionPatch(previous + added, exact, key_locking))
     return patched
+
+
+def with_gate(model, beta: float, tau: float | None = None):
+    """A clone of `model` whose applied concepts all use gate bias `beta` (and temperature `tau`, when given)
+    instead of what their apply nodes set; everything else of the joint patch stays. For sweeps of the gate,
+    which needs no retraining (docs/method.md §1)."""
+    patches = model.get_wrappers(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
+    if not patches:
+        raise PerfusionError("The model has no Perfusion concept: connect the MODEL of a Perfusion Apply Concept.")
+    if not math.isfinite(beta):
+        raise PerfusionError(f"beta must be a finite number, got {beta}.")
+    if tau is not None and (tau <= 0 or not math.isfinite(tau)):
+        raise PerfusionError(f"tau must be a positive number, got {tau}.")
+    patch = patches[0]
+    applied = tuple(replace(a, beta=float(beta), tau=a.tau if tau is None else float(tau)) for a in patch.applied)
+    gated = model.clone()
+    gated.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
+    gated.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY,
+                               PerfusionPatch(applied, patch.exact, patch.key_locking))
+    return gated

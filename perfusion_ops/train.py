@@ -243,14 +243,16 @@ class _Training:
 
 def train_concept(model, clip, latents, name: str, superclass: str, covariance: torch.Tensor, covariance_id: str,
                   settings: TrainSettings = TrainSettings(), masks=None, flipped_latents=None, flipped_masks=None,
-                  on_step=None, on_status=None, initial: Concept | None = None, snapshot_every: int = 0,
-                  on_snapshot=None, on_cancel=None) -> tuple[Concept, list[float]]:
+                  on_step=None, on_status=None, initial: Concept | None = None, every_n_steps=(),
+                  on_cancel=None) -> tuple[Concept, list[float]]:
     """Learn a concept from `latents` [N, 4, h, w] (VAE output) and optional soft `masks` [N, h, w].
 
     `on_step(step, loss, x0_prediction)` is called after every step (progress, previews, cancel);
     `on_status(text)` once, with the precision training runs in. `initial`: a concept to continue (its word
-    vectors, value and key targets, i* and i_super; the optimizer starts afresh). Every `snapshot_every` steps
-    `on_snapshot(steps, concept)` gets the concept as it is; when the run is cancelled (ComfyUI's interrupt),
+    vectors, value and key targets, i* and i_super; the optimizer starts afresh). `every_n_steps` holds pairs
+    (n, callback): every n steps (n > 0) `callback(steps, concept)` gets the concept as it is (snapshots,
+    validation renders; a callback may load other models, the training's are loaded back after it); when the run
+    is cancelled (ComfyUI's interrupt),
     `on_cancel(steps, concept)` gets what was learned so far, and the interruption goes on. The concept records
     `steps_done`, counted across resumed runs.
     With `settings.train_values` off only the word vectors are learned (textual inversion, a baseline);
@@ -285,8 +287,12 @@ def train_concept(model, clip, latents, name: str, superclass: str, covariance: 
                     losses.append(loss)
                     if on_step is not None:
                         on_step(step, loss, x0_prediction)
-                    if on_snapshot is not None and snapshot_every > 0 and (step + 1) % snapshot_every == 0:
-                        on_snapshot(step + 1, run.concept(losses, {**record, "steps_done": done_before + step + 1})[0])
+                    due = [callback for every, callback in every_n_steps if every > 0 and (step + 1) % every == 0]
+                    if due:
+                        snapshot = run.concept(losses, {**record, "steps_done": done_before + step + 1})[0]
+                        for callback in due:
+                            callback(step + 1, snapshot)
+                        mm.load_models_gpu([train_model, train_clip.patcher])  # back, if a callback swapped them out
             except mm.InterruptProcessingException:
                 if on_cancel is not None and losses:
                     on_cancel(len(losses), run.concept(losses, {**record, "steps_done": done_before + len(losses),

@@ -45,7 +45,8 @@ def test_covariance_matches_direct_float64_and_is_cached(arch, small_corpus, tmp
         raise AssertionError("the covariance was estimated again instead of read from the cache")
     monkeypatch.setattr(covariance, "estimate_covariance", must_not_run)
     C_again, fingerprint_again = covariance.cached_covariance(clip, tmp_path)
-    assert fingerprint_again == fingerprint and torch.allclose(C_again, C.float().double())
+    # Bit for bit: a run that estimates C and one that reads it from the cache train the same concept.
+    assert fingerprint_again == fingerprint and torch.equal(C_again, C)
     # Another clip-skip setting is another setup: a different fingerprint.
     other = clip.clone()
     other.clip_layer(-2)
@@ -410,6 +411,65 @@ def test_snapshots_every_n_steps_and_resume_continues_from_the_file(perfusion_di
     run_prompt(graph)
     continued = read_concept(perfusion_dir / "continued_00001.safetensors")
     assert not torch.equal(continued.embeddings["clip_l"], at_2.embeddings["clip_l"])
+
+
+def test_validation_renders_show_the_concept_as_it_is_at_their_step(perfusion_dir, small_corpus, tmp_path,
+                                                                  monkeypatch):
+    """validate_every 3 over 4 steps renders at step 3 and at the end. Each render is what a user gets from the
+    stock graph (Apply Concept, CLIP Text Encode, KSampler euler/normal cfg 7, VAE Decode) with the concept of
+    that step, here the saved step-3 snapshot and the final file; the renders leave the training itself alone
+    (the same concept as a run without them); they come out captioned, and show on the node."""
+    import folder_paths
+    import nodes
+    from support.comfy_runner import cached_outputs, run_prompt
+    from perfusion_ops.concept_file import read_concept
+    register_test_nodes()
+    nodes.NODE_CLASS_MAPPINGS["PerfusionTestPhotos"] = PhotoBatch
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "perfusion_covariance", ([str(tmp_path / "cov")], {".safetensors"}))
+    prompt = "a photo of embedding:hugsy on a beach"
+    executor, ui = run_prompt(train_graph("hugsy", steps=4, save_every=3, validation_prompt=prompt, validate_every=3,
+                                          validation_steps=2))
+    renders = cached_outputs(executor, "3")[2][0]
+    assert renders.shape[0] == 2 and renders.shape[2:] == (64, 3) and renders.shape[1] > 64, renders.shape
+    assert len(ui["3"]["images"]) == 2, ui["3"]  # shown on the node
+    captions = renders[:, 64:]
+    assert all(caption.max() > 0.5 for caption in captions), "a caption strip is blank"
+    assert not torch.equal(captions[0], captions[1]), "the two captions say the same"
+
+    folder_paths.filename_list_cache.pop("perfusion", None)
+    concepts = ["hugsy_snapshots/hugsy_step00003_00001.safetensors", "hugsy_00001.safetensors"]
+    for index, concept_file in enumerate(concepts):
+        graph = {
+            "1": {"class_type": "PerfusionTestTinyCheckpoint", "inputs": {"arch": "sd1", "seed": 0, "weight_std": 0.2,
+                                                                          "dtype": "float32"}},
+            "5": {"class_type": "PerfusionLoadConcept", "inputs": {"concept_name": concept_file}},
+            "6": {"class_type": "PerfusionApplyConcept", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "concept": ["5", 0], "strength": 1.0, "beta": 0.7, "tau": 0.15,
+                "start_at": 0.0, "end_at": 1.0}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": prompt}},
+            "8": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": ""}},
+            "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "10": {"class_type": "KSampler", "inputs": {
+                "model": ["6", 0], "positive": ["7", 0], "negative": ["8", 0], "latent_image": ["9", 0], "seed": 1,
+                "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+            "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}},
+        }
+        stock_executor, _ = run_prompt(graph)
+        stock = cached_outputs(stock_executor, "11")[0][0]
+        assert torch.allclose(renders[index, :64], stock, atol=1e-5), \
+            f"render {index} differs from the stock graph's with {concept_file}: {(renders[index, :64] - stock).abs().max()}"
+    assert not torch.allclose(renders[0, :64], renders[1, :64], atol=1e-3), "step 3 and step 4 render alike"
+
+    # The same training without renders gives the same concept, bit for bit.
+    run_prompt(train_graph("hugsy", steps=4))
+    plain, validated = (read_concept(perfusion_dir / f) for f in ("hugsy_00002.safetensors", concepts[1]))
+    assert torch.equal(plain.embeddings["clip_l"], validated.embeddings["clip_l"])
+    assert all(torch.equal(plain.values[p], validated.values[p]) for p in plain.values)
+
+    # No validation prompt: an empty batch, nothing shown.
+    executor, ui = run_prompt(train_graph("hugsy", steps=1, validate_every=1))
+    assert cached_outputs(executor, "3")[2][0].shape[0] == 0 and "images" not in ui.get("3", {})
 
 
 def test_train_node_refuses_bad_input_clearly():
