@@ -6,11 +6,13 @@ from .combine import PerfusionCombineConcepts
 from .common import register_concept_folder
 from .concept_io import PerfusionLoadConcept, PerfusionSaveConcept
 from .photos import PerfusionLoadPhotos
+from .sweep import PerfusionGateSweep
 from .train import PerfusionTrainConcept
 
 register_concept_folder()
 
-NODES = [PerfusionLoadPhotos, PerfusionTrainConcept, PerfusionLoadConcept, PerfusionSaveConcept, PerfusionApplyConcept, PerfusionCombineConcepts]
+NODES = [PerfusionLoadPhotos, PerfusionTrainConcept, PerfusionLoadConcept, PerfusionSaveConcept, PerfusionApplyConcept,
+         PerfusionCombineConcepts, PerfusionGateSweep]
 
 
 class PerfusionExtension(ComfyExtension):

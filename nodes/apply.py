@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..perfusion_ops.concept import ConceptSet, INFERENCE_BETA, INFERENCE_TAU
 from ..perfusion_ops.patch import apply_concepts
 from ..perfusion_ops.text import KEY_LOCKING, clip_with_concepts
-from .common import CATEGORY, PerfusionConcept
+from .common import CATEGORY, PerfusionConcept, advanced, with_search_aliases
 
 
 class PerfusionApplyConcept(io.ComfyNode):
@@ -14,6 +14,7 @@ class PerfusionApplyConcept(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PerfusionApplyConcept",
+            **with_search_aliases(["personalize", "concept", "textual inversion", "dreambooth", "embedding"]),
             display_name="Perfusion Apply Concept",
             category=f"{CATEGORY}/apply",
             description="Adds a concept (or a set) to copies of the model and CLIP. Write it in prompts as "
@@ -34,14 +35,17 @@ class PerfusionApplyConcept(io.ComfyNode):
                 io.Float.Input("tau", default=INFERENCE_TAU, min=0.01, max=1.0, step=0.01,
                                tooltip="Gate temperature: how softly the gate opens around beta. 0.15 works best "
                                        "in the paper; smaller is sharper."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule at which the edit switches on."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule at which the edit switches off."),
-                io.Combo.Input("multi_concept_mode", options=["exact", "approximate"], default="exact", optional=True,
-                               tooltip="With several concepts on one model: 'exact' removes all their directions "
-                                       "jointly (docs/method.md §2); 'approximate' treats each concept on its own. "
-                                       "The last apply node in a chain decides. No effect with one concept."),
+                advanced(io.Float.Input(
+                    "start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="Fraction of the sampling schedule at which the edit switches on.")),
+                advanced(io.Float.Input(
+                    "end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="Fraction of the sampling schedule at which the edit switches off.")),
+                advanced(io.Combo.Input(
+                    "multi_concept_mode", options=["exact", "approximate"], default="exact", optional=True,
+                    tooltip="With several concepts on one model: 'exact' removes all their directions jointly "
+                            "(docs/method.md §2); 'approximate' treats each concept on its own. The last apply node "
+                            "in a chain decides. No effect with one concept.")),
                 io.Combo.Input("key_locking", options=list(KEY_LOCKING), default="local", optional=True,
                                tooltip="'local' (the paper's default): the concept's key is locked to its "
                                        "superclass word's. 'global': the keys of every word come from the prompt "

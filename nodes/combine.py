@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..perfusion_ops.concept import ConceptSet, check_used_together
-from .common import CATEGORY, PerfusionConcept
+from .common import CATEGORY, PerfusionConcept, with_search_aliases
 
 MAX_INPUTS = 8
 
@@ -22,6 +22,7 @@ class PerfusionCombineConcepts(io.ComfyNode):
                     for i in range(3, MAX_INPUTS + 1)]
         return io.Schema(
             node_id="PerfusionCombineConcepts",
+            **with_search_aliases(["personalize", "concept", "multiple concepts", "multi-concept"]),
             display_name="Perfusion Combine Concepts",
             category=f"{CATEGORY}/apply",
             description="Puts several concepts into one set for Perfusion Apply Concept, which then edits the model "

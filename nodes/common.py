@@ -1,6 +1,7 @@
 """What the pack's nodes share: the PERFUSION_CONCEPT socket type, the models/perfusion folder and saving into it."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -46,3 +47,21 @@ def save_concept(concept, folder: str, filename_prefix: str) -> str:
     path = next_free_path(folder, filename_prefix)
     write_concept(concept, path)
     return path
+
+
+# Newer hosts (v0.33.0, not v0.3.64) let a node name search aliases and mark inputs 'advanced' (shown when the
+# user expands the node). On hosts without them the nodes look as before.
+SCHEMA_HAS_SEARCH_ALIASES = "search_aliases" in {field.name for field in dataclasses.fields(io.Schema)}
+INPUTS_HAVE_ADVANCED = "advanced" in io.Input.__init__.__code__.co_varnames
+
+
+def with_search_aliases(aliases: list[str]) -> dict:
+    """io.Schema keyword arguments that give the node these search aliases, where the host supports them."""
+    return {"search_aliases": aliases} if SCHEMA_HAS_SEARCH_ALIASES else {}
+
+
+def advanced(node_input):
+    """`node_input`, marked advanced where the host supports it: the editor folds it away until asked."""
+    if INPUTS_HAVE_ADVANCED:
+        node_input.advanced = True
+    return node_input

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..perfusion_ops.concept import ConceptSet
 from ..perfusion_ops.concept_file import read_concept
-from .common import CATEGORY, CONCEPT_FOLDER, PerfusionConcept, save_concept
+from .common import CATEGORY, CONCEPT_FOLDER, PerfusionConcept, save_concept, with_search_aliases
 
 
 class PerfusionLoadConcept(io.ComfyNode):
@@ -16,6 +16,7 @@ class PerfusionLoadConcept(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PerfusionLoadConcept",
+            **with_search_aliases(["personalize", "concept", "textual inversion", "dreambooth", "embedding"]),
             display_name="Perfusion Load Concept",
             category=f"{CATEGORY}/io",
             description="Loads a Perfusion concept file from models/perfusion. Write the concept in a prompt as "
@@ -47,6 +48,7 @@ class PerfusionSaveConcept(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PerfusionSaveConcept",
+            **with_search_aliases(["personalize", "concept", "textual inversion", "dreambooth", "embedding"]),
             display_name="Perfusion Save Concept",
             category=f"{CATEGORY}/io",
             description="Saves a concept (or each concept of a set) as a small .safetensors file in models/perfusion.",

@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 CAPTION_SHARE = 0.09  # caption strip height, as a share of the image height
 MIN_CAPTION = 14      # pixels: readable at any image size
+MIN_FONT = 6          # pixels: the smallest caption text, for images too narrow for their caption
 
 
 def captioned(image: torch.Tensor, text: str) -> torch.Tensor:
@@ -14,7 +15,10 @@ def captioned(image: torch.Tensor, text: str) -> torch.Tensor:
     height, width = image.shape[:2]
     strip = max(MIN_CAPTION, round(height * CAPTION_SHARE))
     canvas = Image.new("RGB", (width, strip))
-    font = ImageFont.load_default(size=max(8, strip - 4))
+    size = strip - 4
+    font = ImageFont.load_default(size=size)
+    if font.getlength(text) > width - 6:  # smaller, to fit the width (narrow images)
+        font = ImageFont.load_default(size=max(MIN_FONT, int(size * (width - 6) / font.getlength(text))))
     ImageDraw.Draw(canvas).text((3, strip // 2), text, fill="white", font=font, anchor="lm")
     caption = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).to(image.device, image.dtype)
     return torch.cat([image[..., :3], caption], dim=0)

@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..perfusion_ops.photos import DEFAULT_FIT, FITS, MASK_FOLDER, load_photo_folder
-from .common import CATEGORY
+from .common import CATEGORY, with_search_aliases
 
 
 class PerfusionLoadPhotos(io.ComfyNode):
@@ -15,6 +15,7 @@ class PerfusionLoadPhotos(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PerfusionLoadPhotos",
+            **with_search_aliases(["personalize", "concept", "dataset", "training images", "image folder"]),
             display_name="Perfusion Load Photos",
             category=f"{CATEGORY}/train",
             description="The photos of a concept from a folder in ComfyUI/input, as square images for Perfusion "

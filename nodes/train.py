@@ -19,7 +19,8 @@ from ..perfusion_ops.photos import DEFAULT_FIT, FITS, fit_batch
 from ..perfusion_ops.patch import apply_concepts, model_architecture
 from ..perfusion_ops.text import clip_with_concepts
 from ..perfusion_ops.train import TrainSettings, train_concept
-from .common import CATEGORY, CONCEPT_FOLDER, COVARIANCE_FOLDER, PerfusionConcept, save_concept
+from .common import (CATEGORY, CONCEPT_FOLDER, COVARIANCE_FOLDER, PerfusionConcept, advanced, save_concept,
+                     with_search_aliases)
 from .images import captioned
 from .render import empty_latent, encode, preview, render
 
@@ -41,6 +42,8 @@ class PerfusionTrainConcept(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PerfusionTrainConcept",
+            **with_search_aliases(["personalize", "concept", "textual inversion", "dreambooth", "train",
+                                   "fine-tune"]),
             display_name="Perfusion Train Concept",
             category=f"{CATEGORY}/train",
             description="Learns a new concept from a few photos: its word vector(s) and one value target per "
@@ -70,29 +73,35 @@ class PerfusionTrainConcept(io.ComfyNode):
                                tooltip="How photos that are not square become square. crop: the largest centred "
                                        "square (keeps the aspect). pad: the whole photo on a grey border, left out "
                                        "of the loss. squash: stretched (the reference recipe)."),
-                io.Float.Input("value_lr", default=DEFAULT.value_lr, min=0.0, max=1.0, step=0.001, optional=True,
-                               tooltip="Learning rate of the value targets (reference: 0.03)."),
-                io.Float.Input("embedding_lr", default=DEFAULT.embedding_lr, min=0.0, max=1.0, step=0.0001, optional=True,
-                               tooltip="Learning rate of the word vector (reference: 0.006)."),
-                io.Float.Input("train_beta", default=DEFAULT.beta, min=-1.0, max=2.0, step=0.01, optional=True,
-                               tooltip="Gate bias while training (reference: 0.75)."),
-                io.Float.Input("train_tau", default=DEFAULT.tau, min=0.01, max=1.0, step=0.01, optional=True,
-                               tooltip="Gate temperature while training (reference: 0.10)."),
+                advanced(io.Float.Input(
+                    "value_lr", default=DEFAULT.value_lr, min=0.0, max=1.0, step=0.001, optional=True,
+                    tooltip="Learning rate of the value targets (reference: 0.03).")),
+                advanced(io.Float.Input(
+                    "embedding_lr", default=DEFAULT.embedding_lr, min=0.0, max=1.0, step=0.0001, optional=True,
+                    tooltip="Learning rate of the word vector (reference: 0.006).")),
+                advanced(io.Float.Input(
+                    "train_beta", default=DEFAULT.beta, min=-1.0, max=2.0, step=0.01, optional=True,
+                    tooltip="Gate bias while training (reference: 0.75).")),
+                advanced(io.Float.Input(
+                    "train_tau", default=DEFAULT.tau, min=0.01, max=1.0, step=0.01, optional=True,
+                    tooltip="Gate temperature while training (reference: 0.10).")),
                 io.Boolean.Input("flip", default=DEFAULT.flip, optional=True,
                                  tooltip="Randomly mirror photos (turn off for asymmetric concepts, e.g. with text)."),
-                io.Combo.Input("covariance", options=[ESTIMATE] + folder_paths.get_filename_list(COVARIANCE_FOLDER),
-                               default=ESTIMATE, optional=True,
-                               tooltip="The text-encoder covariance C: estimated once per CLIP setup from the pack's "
-                                       "caption corpus and cached, or a file (key 'covariance') from "
-                                       "models/perfusion_covariance."),
+                advanced(io.Combo.Input(
+                    "covariance", options=[ESTIMATE] + folder_paths.get_filename_list(COVARIANCE_FOLDER),
+                    default=ESTIMATE, optional=True,
+                    tooltip="The text-encoder covariance C: estimated once per CLIP setup from the pack's caption "
+                            "corpus and cached, or a file (key 'covariance') from models/perfusion_covariance.")),
                 io.Int.Input("preview_every", default=PREVIEW_EVERY, min=0, max=10000, optional=True,
                              tooltip="Show a preview of the model's denoised guess every N steps (0: no previews)."),
-                io.Boolean.Input("train_values", default=DEFAULT.train_values, optional=True,
-                                 tooltip="Learn the value targets (Perfusion). Off: learn only the word vector, i.e. "
-                                         "textual inversion, a baseline; apply it with strength 0."),
-                io.Boolean.Input("train_keys", default=DEFAULT.train_keys, optional=True,
-                                 tooltip="Also learn the key targets instead of locking them to the superclass (an "
-                                         "ablation of key-locking; the paper's default is off)."),
+                advanced(io.Boolean.Input(
+                    "train_values", default=DEFAULT.train_values, optional=True,
+                    tooltip="Learn the value targets (Perfusion). Off: learn only the word vector, i.e. textual "
+                            "inversion, a baseline; apply it with strength 0.")),
+                advanced(io.Boolean.Input(
+                    "train_keys", default=DEFAULT.train_keys, optional=True,
+                    tooltip="Also learn the key targets instead of locking them to the superclass (an ablation of "
+                            "key-locking; the paper's default is off).")),
                 io.Int.Input("gradient_accumulation", default=DEFAULT.gradient_accumulation, min=1, max=64,
                              optional=True,
                              tooltip="Micro-batches per optimisation step: the step sees batch_size x this many "
