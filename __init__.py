@@ -3,6 +3,10 @@
 ComfyUI imports this file and calls `comfy_entrypoint` (the V3 node API). Outside ComfyUI (tools,
 tests of the math) nothing is registered and `perfusion_ops` imports without the host.
 """
+# The editor's help pages of the nodes (web/docs/<NodeId>.md, shown in the node library), served by ComfyUI
+# under /extensions/<this folder's name>/.
+WEB_DIRECTORY = "./web"
+
 try:
     from comfy_api.latest import ComfyExtension  # noqa: F401  (only present inside ComfyUI)
 except ImportError:

@@ -16,8 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 WORKFLOWS = REPO / "workflows"
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+SAM3_CHECKPOINT = "sam3.1_multiplex_fp16.safetensors"  # the name ComfyUI's own SAM3 blueprints load
+SAM3_NODES = ["SAM3_Detect"]  # current ComfyUI's segmentation node (not in v0.3.64)
 CONCEPT, OTHER_CONCEPT = "my_concept", "my_other_concept"
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
+GROUP_COLOR = "#3f789e"
+SAM3_GROUP = "SAM3 masks (mute this group without SAM3)"
 
 
 class Graph:
@@ -27,6 +31,7 @@ class Graph:
         self.info = object_info
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.groups: list[dict] = []
 
     def add(self, class_type: str, pos, widgets: dict | None = None, title: str | None = None,
             size=(320, 130), muted: bool = False) -> dict:
@@ -75,11 +80,21 @@ class Graph:
         self.nodes.append(node)
         return node
 
+    def group(self, title: str, members: list[dict], margin: int = 20) -> None:
+        """A titled frame around `members` (the editor mutes or bypasses a group's nodes in one click)."""
+        title_height = 80  # the group's own title bar, plus the members' title bars above their pos
+        x0 = min(node["pos"][0] for node in members) - margin
+        y0 = min(node["pos"][1] for node in members) - title_height
+        x1 = max(node["pos"][0] + node["size"][0] for node in members) + margin
+        y1 = max(node["pos"][1] + node["size"][1] for node in members) + margin
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
+                            "color": GROUP_COLOR, "font_size": 24, "flags": {}})
+
     def to_json(self, name: str) -> dict:
         self._number_execution_order()
         return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"perfusion/{name}")), "revision": 0,
                 "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {},
+                "links": self.links, "groups": self.groups, "config": {},
                 "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
 
     def _number_execution_order(self) -> None:
@@ -104,7 +119,10 @@ TRAIN_NOTE = (
     "4. Queue. The concept is saved to ComfyUI/models/perfusion/<name>_00001.safetensors (tens of KB), "
     "a test image is drawn with it, and the loss curve is saved.\n\n"
     "Optional masks (white = the concept): one per photo, same file names, in "
-    f"input/{CONCEPT}/mask/. They are used when the folder is there.")
+    f"input/{CONCEPT}/mask/. They are used when the folder is there. (Or let SAM3 draw them: "
+    "perfusion_train_auto_masks.)\n\n"
+    "While it trains, the node renders its validation prompt every validate_every steps with the concept as it "
+    "is then (Preview Image shows them); save_every keeps a file of each.")
 
 GENERATE_NOTE = (
     "GENERATE WITH A CONCEPT\n\n"
@@ -125,6 +143,29 @@ TWO_CONCEPTS_NOTE = (
     "The combined concepts share one apply node's strength/beta/tau. For settings per concept, chain "
     "two 'Perfusion Apply Concept' nodes instead (model and clip from the first into the second): they "
     "form one joint edit.")
+
+
+AUTO_MASKS_NOTE = (
+    "TRAIN WITH MASKS MADE BY SAM3\n\n"
+    "Like perfusion_train_concept, but the masks (what the loss looks at) are drawn in the graph: SAM3, the "
+    "segmentation model of current ComfyUI, finds the superclass word in every photo.\n\n"
+    "1. Put 3-10 photos in ComfyUI/input/my_concept/ and choose the folder in 'Perfusion Load Photos'.\n"
+    "2. Choose your SD1.x/SD2.x/SDXL checkpoint, and the SAM3 checkpoint (models/checkpoints/"
+    f"{SAM3_CHECKPOINT}, from ComfyUI's model downloads).\n"
+    "3. Write the superclass once, in 'Superclass word': it names the concept to the trainer and to SAM3.\n"
+    "4. Queue. 'Masks from SAM3' shows what SAM3 found: the loss is weighted by it.\n\n"
+    f"No SAM3 (ComfyUI before SAM3, or no SAM3 model): right-click the group '{SAM3_GROUP}' and set its "
+    "nodes to Never (mute). The training then runs without masks.")
+
+SWEEP_NOTE = (
+    "PICK BETA WITH A SWEEP\n\n"
+    "Renders the same seed once per gate setting and puts the images side by side, captioned: pick the "
+    "beta where the concept looks right and the prompt still holds, then set it in 'Perfusion Apply "
+    "Concept'. No retraining: beta and tau only change how the concept is applied.\n\n"
+    "1. Choose the checkpoint the concept was trained on, and the concept file.\n"
+    "2. betas: a list such as 0.5, 0.6, 0.7, 0.8 (columns). taus (optional): a list such as 0.1, 0.2 "
+    "(rows); empty keeps the apply node's tau.\n"
+    "3. Queue. Lower beta shows the concept more strongly; higher beta gives the rest of the prompt more say.")
 
 
 def _default(spec):
@@ -178,19 +219,75 @@ def _apply_and_draw(graph: Graph, checkpoint: dict, concept_from: tuple, apply_p
 def train_concept(info: dict) -> dict:
     graph, checkpoint = _graph_with_checkpoint(info, TRAIN_NOTE, 330, 390)
     photos = graph.add("PerfusionLoadPhotos", (20, 540), {"folder": CONCEPT}, size=(440, 110))
-    train = graph.add("PerfusionTrainConcept", (500, 20), {"name": CONCEPT, "superclass": "teddy"},
-                      size=(400, 480))
-    save = graph.add("PerfusionSaveConcept", (940, 20), {"filename_prefix": "{name}"}, size=(320, 60))
-    loss = graph.add("LossGraphNode", (940, 120), {"filename_prefix": f"{CONCEPT}_loss"},
-                     size=(320, 60))
+    train, _ = _train_and_save(graph, (500, 20), "teddy")
     links = [(checkpoint, "MODEL", train, "model"), (checkpoint, "CLIP", train, "clip"),
-             (checkpoint, "VAE", train, "vae"), (photos, "images", train, "images"), (photos, "masks", train, "masks"),
-             (train, "concept", save, "concept"), (train, "loss", loss, "loss")]
+             (checkpoint, "VAE", train, "vae"), (photos, "images", train, "images"), (photos, "masks", train, "masks")]
     for link in links:
         graph.connect(*link)
     _apply_and_draw(graph, checkpoint, (train, "concept"), (940, 240),
                     f"a photo of embedding:{CONCEPT} on a wooden table", 1300, f"perfusion/{CONCEPT}")
     return graph.to_json("train_concept")
+
+
+def _train_and_save(graph: Graph, pos, superclass: str) -> tuple[dict, dict]:
+    """The train node at `pos` with a validation prompt, and right of it: save the concept, plot the loss,
+    preview the validation renders (below the apply node's place in the train workflow)."""
+    x, y = pos
+    train = graph.add("PerfusionTrainConcept", pos, {
+        "name": CONCEPT, "superclass": superclass, "validate_every": 100,
+        "validation_prompt": f"a photo of embedding:{CONCEPT} on a wooden table"}, size=(400, 560))
+    save = graph.add("PerfusionSaveConcept", (x + 440, y), {"filename_prefix": "{name}"}, size=(320, 60))
+    loss = graph.add("LossGraphNode", (x + 440, y + 100), {"filename_prefix": f"{CONCEPT}_loss"}, size=(320, 60))
+    validation = graph.add("PreviewImage", (x, y + 600), title="Validation renders", size=(400, 360))
+    for link in [(train, "concept", save, "concept"), (train, "loss", loss, "loss"),
+                 (train, "validation", validation, "images")]:
+        graph.connect(*link)
+    return train, save
+
+
+def train_auto_masks(info: dict) -> dict:
+    graph, checkpoint = _graph_with_checkpoint(info, AUTO_MASKS_NOTE, 380, 440)
+    photos = graph.add("PerfusionLoadPhotos", (20, 580), {"folder": CONCEPT}, size=(440, 110))
+    word = graph.add("PrimitiveString", (20, 730), {"value": "teddy"}, title="Superclass word", size=(440, 60))
+    sam3 = graph.add("CheckpointLoaderSimple", (20, 910), {"ckpt_name": SAM3_CHECKPOINT}, title="SAM3 model",
+                     size=(440, 100))
+    what = graph.add("CLIPTextEncode", (20, 1050), title="What SAM3 looks for", size=(440, 100))
+    detect = graph.add("SAM3_Detect", (20, 1190), size=(440, 180))
+    shown = graph.add("MaskPreview", (20, 1410), title="Masks from SAM3", size=(440, 300))
+    graph.group(SAM3_GROUP, [sam3, what, detect, shown])
+    train, _ = _train_and_save(graph, (500, 20), "teddy")
+    links = [(checkpoint, "MODEL", train, "model"), (checkpoint, "CLIP", train, "clip"),
+             (checkpoint, "VAE", train, "vae"), (photos, "images", train, "images"),
+             (word, "STRING", train, "superclass"), (word, "STRING", what, "text"), (sam3, "CLIP", what, "clip"),
+             (sam3, "MODEL", detect, "model"), (photos, "images", detect, "image"),
+             (what, "CONDITIONING", detect, "conditioning"), (detect, "masks", train, "masks"),
+             (detect, "masks", shown, "mask")]
+    for link in links:
+        graph.connect(*link)
+    return graph.to_json("train_auto_masks")
+
+
+def gate_sweep(info: dict) -> dict:
+    graph, checkpoint = _graph_with_checkpoint(info, SWEEP_NOTE, 300, 360)
+    concept = _load_concept(graph, CONCEPT, 500)
+    apply = graph.add("PerfusionApplyConcept", (500, 360), size=(320, 250))
+    positive = graph.add("CLIPTextEncode", (860, 20), {"text": f"a photo of embedding:{CONCEPT} on the beach, sunset"},
+                         title="Prompt (write embedding:<name>)", size=(400, 160))
+    negative = graph.add("CLIPTextEncode", (860, 220), {"text": "blurry, low quality, deformed"},
+                         title="Negative prompt", size=(400, 120))
+    latent = graph.add("EmptyLatentImage", (860, 380), {"width": 512, "height": 512, "batch_size": 1},
+                       size=(320, 110))
+    sweep = graph.add("PerfusionGateSweep", (1300, 20), {"steps": 30, "cfg": 7.0, "sampler_name": "euler",
+                                                         "scheduler": "normal", "seed": 0}, size=(340, 360))
+    save = graph.add("SaveImage", (1680, 20), {"filename_prefix": f"perfusion/{CONCEPT}_sweep"}, size=(520, 360))
+    links = [(checkpoint, "MODEL", apply, "model"), (checkpoint, "CLIP", apply, "clip"),
+             (concept, "concept", apply, "concept"), (apply, "CLIP", positive, "clip"),
+             (apply, "CLIP", negative, "clip"), (apply, "MODEL", sweep, "model"), (checkpoint, "VAE", sweep, "vae"),
+             (positive, "CONDITIONING", sweep, "positive"), (negative, "CONDITIONING", sweep, "negative"),
+             (latent, "LATENT", sweep, "latent_image"), (sweep, "grid", save, "images")]
+    for link in links:
+        graph.connect(*link)
+    return graph.to_json("gate_sweep")
 
 
 def generate(info: dict) -> dict:
@@ -214,18 +311,27 @@ def two_concepts(info: dict) -> dict:
 
 
 BUILDERS = {"perfusion_train_concept.json": train_concept, "perfusion_generate.json": generate,
-            "perfusion_two_concepts.json": two_concepts}
+            "perfusion_two_concepts.json": two_concepts, "perfusion_gate_sweep.json": gate_sweep,
+            "perfusion_train_auto_masks.json": train_auto_masks}
+NEEDS_SAM3 = {"perfusion_train_auto_masks.json"}  # built where the host has SAM3 (v0.33.0), shipped for it
 CLASS_TYPES = ["CheckpointLoaderSimple", "PerfusionLoadPhotos", "PerfusionTrainConcept",
                "PerfusionSaveConcept", "LossGraphNode", "PerfusionApplyConcept", "PerfusionLoadConcept",
-               "PerfusionCombineConcepts", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-               "SaveImage"]
+               "PerfusionCombineConcepts", "PerfusionGateSweep", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
+               "VAEDecode", "SaveImage", "PreviewImage", "PrimitiveString", "MaskPreview"]
 
 
 def node_definitions() -> dict:
-    """The definitions of every node the workflows use; an unknown node is an error."""
-    info = object_info_in_process(CLASS_TYPES)
+    """The definitions of every node the workflows use; an unknown node is an error, except the SAM3 nodes
+    on a host without them (then `buildable` leaves out the workflows that need them)."""
+    info = object_info_in_process(CLASS_TYPES + SAM3_NODES)
     missing = sorted(set(CLASS_TYPES) - set(info))
     if missing:
         raise RuntimeError(f"ComfyUI does not know {missing}")
     return info
+
+
+def buildable(info: dict) -> dict:
+    """The builders whose nodes this host knows."""
+    has_sam3 = set(SAM3_NODES) <= set(info)
+    return {name: build for name, build in BUILDERS.items() if has_sam3 or name not in NEEDS_SAM3}
 

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.host
 WORKFLOWS = REPO / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 TRAIN, GENERATE, TWO = "perfusion_train_concept.json", "perfusion_generate.json", "perfusion_two_concepts.json"
+SWEEP, AUTO_MASKS = "perfusion_gate_sweep.json", "perfusion_train_auto_masks.json"
 
 
 def load(name: str) -> dict:
@@ -34,8 +35,10 @@ def to_api(workflow: dict) -> dict:
     return ui_to_api(workflow, object_info_in_process({node["type"] for node in workflow["nodes"]}))
 
 
-def test_the_three_workflows_ship():
-    assert {TRAIN, GENERATE, TWO} <= {path.name for path in WORKFLOW_FILES}
+def test_the_workflows_ship():
+    from support import shipped_workflows
+    assert {TRAIN, GENERATE, TWO, SWEEP, AUTO_MASKS} == {path.name for path in WORKFLOW_FILES} \
+        == set(shipped_workflows.BUILDERS)
 
 
 def _without_unlinked_outputs(workflow: dict) -> dict:
@@ -56,10 +59,13 @@ def test_workflow_files_are_what_make_workflows_writes_for_the_current_nodes():
     from conftest import HOST_NAME
     from support import shipped_workflows
     info = shipped_workflows.node_definitions()
-    for filename, build in shipped_workflows.BUILDERS.items():
+    buildable = shipped_workflows.buildable(info)
+    # SAM3 is in the current host only: the minimum host cannot build its workflow (nor load it in the editor).
+    assert set(shipped_workflows.BUILDERS) - set(buildable) == ({AUTO_MASKS} if HOST_NAME == "minimum" else set())
+    for filename, build in buildable.items():
         shipped = json.loads((WORKFLOWS / filename).read_text())
         written = json.loads(json.dumps(build(info)))
-        if HOST_NAME == "minimum":
+        if HOST_NAME == "minimum" or filename in shipped_workflows.NEEDS_SAM3:
             assert shipped == written, f"{filename} is stale: run tools/make_workflows.py"
         else:
             assert _without_unlinked_outputs(shipped) == _without_unlinked_outputs(written), \
@@ -77,8 +83,10 @@ def test_workflow_is_a_consistent_editor_graph_of_known_nodes_with_notes(path):
         assert link_id in by_id[origin]["outputs"][origin_slot]["links"]
         assert by_id[target]["inputs"][target_slot]["link"] == link_id
         assert kind == by_id[origin]["outputs"][origin_slot]["type"]
+    from support.shipped_workflows import SAM3_NODES
     for node in workflow["nodes"]:
-        assert node["type"] == "Note" or node["type"] in nodes.NODE_CLASS_MAPPINGS, node["type"]
+        known = node["type"] == "Note" or node["type"] in nodes.NODE_CLASS_MAPPINGS
+        assert known or (node["type"] in SAM3_NODES and node["type"] not in nodes.NODE_CLASS_MAPPINGS), node["type"]
     notes = [node for node in workflow["nodes"] if node["type"] == "Note"]
     assert notes and all(len(note["widgets_values"][0]) > 100 for note in notes)
     # The user must choose the checkpoint: a note says so.
@@ -126,8 +134,8 @@ def _on_tiny_models(prompt: dict, **train_inputs) -> dict:
         node["inputs"] = {"arch": "sd1", "seed": 0, "weight_std": 0.02}
     for node in nodes_of_type(prompt, "PerfusionTrainConcept"):
         node["inputs"].update({"steps": 2, "resolution": 64, "batch_size": 2, "gradient_accumulation": 1,
-                               **train_inputs})
-    for node in nodes_of_type(prompt, "KSampler"):
+                               "validate_every": 1, "validation_steps": 2, **train_inputs})
+    for node in nodes_of_type(prompt, "KSampler") + nodes_of_type(prompt, "PerfusionGateSweep"):
         node["inputs"]["steps"] = 2
     for node in nodes_of_type(prompt, "EmptyLatentImage"):
         node["inputs"]["width"] = node["inputs"]["height"] = 64
@@ -173,12 +181,71 @@ def test_every_shipped_workflow_runs_in_comfyuis_executor_on_tiny_models(perfusi
     assert (perfusion_dir / "my_other_concept_00001.safetensors").is_file()
     ran.add(TRAIN)
 
-    # Generate and two concepts load what training saved, under the names the workflows ship with.
-    for name in (GENERATE, TWO):
+    # Generate, two concepts and the sweep load what training saved, under the names the workflows ship with.
+    for name in (GENERATE, TWO, SWEEP):
         _, outputs = run_prompt(_on_tiny_models(to_api(load(name))))
         _saved_images(outputs, output_dir)
         ran.add(name)
+
+    # SAM3's masks: with its nodes muted (no SAM3, or a host without it) the workflow trains without masks.
+    auto_masks = load(AUTO_MASKS)
+    sam3_nodes = _sam3_part(auto_masks)
+    for node in auto_masks["nodes"]:
+        if node["id"] in sam3_nodes:
+            node["mode"] = 2
+    prompt = _on_tiny_models(to_api(auto_masks), name="masked_by_sam3")
+    train = nodes_of_type(prompt, "PerfusionTrainConcept")[0]["inputs"]
+    assert "masks" not in train and isinstance(train["superclass"], list), train  # the word comes from one node
+    _, outputs = run_prompt(prompt)
+    assert (perfusion_dir / "masked_by_sam3_00001.safetensors").is_file()
+    ran.add(AUTO_MASKS)
     assert ran == {path.name for path in WORKFLOW_FILES}, "a shipped workflow is not run by this test"
+
+
+def _sam3_part(workflow: dict) -> set[int]:
+    """The nodes inside the SAM3 group (what its note tells a user without SAM3 to mute): the SAM3 model, its
+    prompt, SAM3_Detect and the mask preview."""
+    from support.shipped_workflows import SAM3_GROUP
+    x, y, width, height = next(g["bounding"] for g in workflow["groups"] if g["title"] == SAM3_GROUP)
+    inside = {node["id"] for node in workflow["nodes"] if x <= node["pos"][0] <= x + width and
+              y <= node["pos"][1] <= y + height}
+    assert {node["type"] for node in workflow["nodes"] if node["id"] in inside} == \
+        {"CheckpointLoaderSimple", "CLIPTextEncode", "SAM3_Detect", "MaskPreview"}
+    return inside
+
+
+def test_the_sam3_workflow_validates_where_the_host_has_sam3(tmp_path, monkeypatch):
+    """On the current host the auto-mask workflow, unmuted, is a valid prompt for ComfyUI: SAM3_Detect gets its
+    model, the photos and the superclass's conditioning, and its masks go to the trainer. (It is not run: no
+    SAM3 weights can be had here.) On the minimum host SAM3_Detect is the one node ComfyUI does not know."""
+    import asyncio
+    import execution
+    import folder_paths
+    import nodes
+    from conftest import HOST_NAME
+    from support.shipped_workflows import SAM3_CHECKPOINT, SAM3_NODES
+    workflow = load(AUTO_MASKS)
+    unknown = {node["type"] for node in workflow["nodes"]} - set(nodes.NODE_CLASS_MAPPINGS) - {"Note"}
+    if HOST_NAME == "minimum":
+        assert unknown == set(SAM3_NODES)
+        return
+    assert unknown == set()
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name in {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"}:
+        (checkpoints / name).write_bytes(b"")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", ([str(checkpoints)], {".safetensors"}))
+    folder_paths.filename_list_cache.pop("checkpoints", None)
+    input_dir = tmp_path / "input"
+    (input_dir / "my_concept").mkdir(parents=True)
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(input_dir))
+    prompt = to_api(workflow)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("sam3", prompt, None))
+    assert valid, (error, node_errors)
+    detect = next(key for key, node in prompt.items() if node["class_type"] == "SAM3_Detect")
+    train = nodes_of_type(prompt, "PerfusionTrainConcept")[0]["inputs"]
+    assert train["masks"] == [detect, 0]
+    assert SAM3_CHECKPOINT in {node["inputs"].get("ckpt_name") for node in prompt.values()}
 
 
 def test_the_readme_headless_command_runs_the_whole_chain_in_a_fresh_copy(tmp_path):
