@@ -235,10 +235,10 @@ def _train_and_save(graph: Graph, pos, superclass: str) -> tuple[dict, dict]:
     x, y = pos
     train = graph.add("PerfusionTrainConcept", pos, {
         "name": CONCEPT, "superclass": superclass, "validate_every": 100,
-        "validation_prompt": f"a photo of embedding:{CONCEPT} on a wooden table"}, size=(400, 560))
+        "validation_prompt": f"a photo of embedding:{CONCEPT} on a wooden table"}, size=(400, 720))
     save = graph.add("PerfusionSaveConcept", (x + 440, y), {"filename_prefix": "{name}"}, size=(320, 60))
     loss = graph.add("LossGraphNode", (x + 440, y + 100), {"filename_prefix": f"{CONCEPT}_loss"}, size=(320, 60))
-    validation = graph.add("PreviewImage", (x, y + 600), title="Validation renders", size=(400, 360))
+    validation = graph.add("PreviewImage", (x, y + 770), title="Validation renders", size=(400, 360))
     for link in [(train, "concept", save, "concept"), (train, "loss", loss, "loss"),
                  (train, "validation", validation, "images")]:
         graph.connect(*link)
@@ -248,12 +248,12 @@ def _train_and_save(graph: Graph, pos, superclass: str) -> tuple[dict, dict]:
 def train_auto_masks(info: dict) -> dict:
     graph, checkpoint = _graph_with_checkpoint(info, AUTO_MASKS_NOTE, 380, 440)
     photos = graph.add("PerfusionLoadPhotos", (20, 580), {"folder": CONCEPT}, size=(440, 110))
-    word = graph.add("PrimitiveString", (20, 730), {"value": "teddy"}, title="Superclass word", size=(440, 60))
+    word = graph.add("PrimitiveString", (20, 760), {"value": "teddy"}, title="Superclass word", size=(440, 60))
     sam3 = graph.add("CheckpointLoaderSimple", (20, 910), {"ckpt_name": SAM3_CHECKPOINT}, title="SAM3 model",
                      size=(440, 100))
     what = graph.add("CLIPTextEncode", (20, 1050), title="What SAM3 looks for", size=(440, 100))
     detect = graph.add("SAM3_Detect", (20, 1190), size=(440, 180))
-    shown = graph.add("MaskPreview", (20, 1410), title="Masks from SAM3", size=(440, 300))
+    shown = graph.add("MaskPreview", (20, 1440), title="Masks from SAM3", size=(440, 300))
     graph.group(SAM3_GROUP, [sam3, what, detect, shown])
     train, _ = _train_and_save(graph, (500, 20), "teddy")
     links = [(checkpoint, "MODEL", train, "model"), (checkpoint, "CLIP", train, "clip"),
