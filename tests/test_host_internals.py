@@ -182,3 +182,19 @@ def test_a_model_condition_from_the_text_encoder_reaches_the_diffusion_model():
         "conditioning 'model_conds' did not reach the diffusion model as a keyword argument"
     assert torch.equal(clip.encode_from_tokens(clip.tokenize("a photo")), original(clip.tokenize("a photo"))[0]), \
         "the object patch leaked into the original CLIP"
+
+
+def test_sample_is_what_the_ksampler_node_samples():
+    """comfy.sample.fix_empty_latent_channels, prepare_noise and sample, as nodes.common_ksampler (the KSampler
+    node) calls them: host.sample must give its latents, bit for bit, for the same seed and settings."""
+    import nodes
+    from perfusion_ops import host
+    model, clip = tiny_model("sd1"), tiny_clip("sd1")
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a teddy"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros(1, 4, 8, 8)
+    ours = host.sample(model, 7, 2, 5.0, "euler", "normal", positive, negative, latent)
+    stock = nodes.common_ksampler(model, 7, 2, 5.0, "euler", "normal", positive, negative, {"samples": latent})[0]
+    assert torch.equal(ours, stock["samples"])
+    other_seed = host.sample(model, 8, 2, 5.0, "euler", "normal", positive, negative, latent)
+    assert not torch.equal(ours, other_seed)
