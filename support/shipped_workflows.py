@@ -198,22 +198,29 @@ def _apply_and_draw(graph: Graph, checkpoint: dict, concept_from: tuple, apply_p
     graph.connect(checkpoint, "CLIP", apply, "clip")
     graph.connect(*concept_from, apply, "concept")
     y = 20
-    positive = graph.add("CLIPTextEncode", (x, y), {"text": prompt}, title="Prompt (write embedding:<name>)",
-                         size=(400, 160))
-    negative = graph.add("CLIPTextEncode", (x, y + 200), {"text": "blurry, low quality, deformed"},
-                         title="Negative prompt", size=(400, 120))
-    latent = graph.add("EmptyLatentImage", (x, y + 360), {"width": 512, "height": 512, "batch_size": 1},
-                       size=(320, 110))
+    positive, negative, latent = _prompts_and_latent(graph, apply, prompt, x)
     sampler = graph.add("KSampler", (x + 440, y), {"steps": 30, "cfg": 7.0, "sampler_name": "euler",
                                                   "scheduler": "normal", "seed": 0}, size=(320, 270))
     decode = graph.add("VAEDecode", (x + 800, y), size=(210, 50))
     save = graph.add("SaveImage", (x + 800, y + 100), {"filename_prefix": prefix}, size=(420, 460))
-    links = [(apply, "CLIP", positive, "clip"), (apply, "CLIP", negative, "clip"), (apply, "MODEL", sampler, "model"),
-             (positive, "CONDITIONING", sampler, "positive"), (negative, "CONDITIONING", sampler, "negative"),
+    links = [(apply, "MODEL", sampler, "model"), (positive, "CONDITIONING", sampler, "positive"), (negative, "CONDITIONING", sampler, "negative"),
              (latent, "LATENT", sampler, "latent_image"), (sampler, "LATENT", decode, "samples"),
              (checkpoint, "VAE", decode, "vae"), (decode, "IMAGE", save, "images")]
     for link in links:
         graph.connect(*link)
+
+
+def _prompts_and_latent(graph: Graph, apply: dict, prompt: str, x: int) -> tuple[dict, dict, dict]:
+    """The prompt and negative prompt, encoded with the apply node's CLIP, and an empty 512x512 latent, in a
+    column at `x`."""
+    positive = graph.add("CLIPTextEncode", (x, 20), {"text": prompt}, title="Prompt (write embedding:<name>)",
+                         size=(400, 160))
+    negative = graph.add("CLIPTextEncode", (x, 220), {"text": "blurry, low quality, deformed"},
+                         title="Negative prompt", size=(400, 120))
+    latent = graph.add("EmptyLatentImage", (x, 380), {"width": 512, "height": 512, "batch_size": 1}, size=(320, 110))
+    graph.connect(apply, "CLIP", positive, "clip")
+    graph.connect(apply, "CLIP", negative, "clip")
+    return positive, negative, latent
 
 
 def train_concept(info: dict) -> dict:
@@ -271,18 +278,13 @@ def gate_sweep(info: dict) -> dict:
     graph, checkpoint = _graph_with_checkpoint(info, SWEEP_NOTE, 300, 360)
     concept = _load_concept(graph, CONCEPT, 500)
     apply = graph.add("PerfusionApplyConcept", (500, 360), size=(320, 250))
-    positive = graph.add("CLIPTextEncode", (860, 20), {"text": f"a photo of embedding:{CONCEPT} on the beach, sunset"},
-                         title="Prompt (write embedding:<name>)", size=(400, 160))
-    negative = graph.add("CLIPTextEncode", (860, 220), {"text": "blurry, low quality, deformed"},
-                         title="Negative prompt", size=(400, 120))
-    latent = graph.add("EmptyLatentImage", (860, 380), {"width": 512, "height": 512, "batch_size": 1},
-                       size=(320, 110))
+    positive, negative, latent = _prompts_and_latent(graph, apply, f"a photo of embedding:{CONCEPT} on the beach, sunset",
+                                                     860)
     sweep = graph.add("PerfusionGateSweep", (1300, 20), {"steps": 30, "cfg": 7.0, "sampler_name": "euler",
                                                          "scheduler": "normal", "seed": 0}, size=(340, 360))
     save = graph.add("SaveImage", (1680, 20), {"filename_prefix": f"perfusion/{CONCEPT}_sweep"}, size=(520, 360))
     links = [(checkpoint, "MODEL", apply, "model"), (checkpoint, "CLIP", apply, "clip"),
-             (concept, "concept", apply, "concept"), (apply, "CLIP", positive, "clip"),
-             (apply, "CLIP", negative, "clip"), (apply, "MODEL", sweep, "model"), (checkpoint, "VAE", sweep, "vae"),
+             (concept, "concept", apply, "concept"), (apply, "MODEL", sweep, "model"), (checkpoint, "VAE", sweep, "vae"),
              (positive, "CONDITIONING", sweep, "positive"), (negative, "CONDITIONING", sweep, "negative"),
              (latent, "LATENT", sweep, "latent_image"), (sweep, "grid", save, "images")]
     for link in links:
