@@ -237,14 +237,23 @@ class PhotoBatch:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"concept": ("STRING", {"default": "teddy"}), "size": ("INT", {"default": 64})}}
+        return {"required": {"concept": ("STRING", {"default": "teddy"}), "size": ("INT", {"default": 64})},
+                "optional": {"portrait_border": ("INT", {"default": 0})}}
 
     RETURN_TYPES = ("IMAGE", "MASK")
     FUNCTION = "load"
     CATEGORY = "testing"
 
-    def load(self, concept, size):
-        return load_photos(concept, size)
+    def load(self, concept, size, portrait_border=0):
+        """With `portrait_border`, portrait photos: that many striped rows above and below each square photo
+        (mask 0 there)."""
+        images, masks = load_photos(concept, size)
+        if portrait_border:
+            n, _, width, _ = images.shape
+            stripes = torch.linspace(0, 1, portrait_border * width * 3).reshape(1, portrait_border, width, 3)
+            images = torch.cat([stripes.expand(n, -1, -1, -1), images, stripes.flip(1).expand(n, -1, -1, -1)], dim=1)
+            masks = torch.nn.functional.pad(masks, (0, 0, portrait_border, portrait_border))
+        return images, masks
 
 
 def train_graph(name, steps, masks=True, save=True, arch="sd1", dtype="float32", accumulation=1, **inputs):
@@ -470,6 +479,27 @@ def test_validation_renders_show_the_concept_as_it_is_at_their_step(perfusion_di
     # No validation prompt: an empty batch, nothing shown.
     executor, ui = run_prompt(train_graph("hugsy", steps=1, validate_every=1))
     assert cached_outputs(executor, "3")[2][0].shape[0] == 0 and "images" not in ui.get("3", {})
+
+
+def test_crop_trains_on_the_centred_square_of_portrait_photos(perfusion_dir, small_corpus, tmp_path, monkeypatch):
+    """fit=crop on portrait photos (the square test photos with striped rows above and below) trains exactly
+    the concept of the square photos themselves; squash (the reference recipe) stretches them and differs."""
+    import folder_paths
+    import nodes
+    from support.comfy_runner import run_prompt
+    from perfusion_ops.concept_file import read_concept
+    register_test_nodes()
+    nodes.NODE_CLASS_MAPPINGS["PerfusionTestPhotos"] = PhotoBatch
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "perfusion_covariance", ([str(tmp_path / "cov")], {".safetensors"}))
+    runs = {"square": (0, "crop"), "portrait_crop": (16, "crop"), "portrait_squash": (16, "squash")}
+    for name, (border, fit) in runs.items():
+        graph = train_graph(name, steps=2, fit=fit)
+        graph["2"]["inputs"]["portrait_border"] = border
+        run_prompt(graph)
+    square, cropped, squashed = (read_concept(perfusion_dir / f"{name}_00001.safetensors") for name in runs)
+    assert torch.equal(cropped.embeddings["clip_l"], square.embeddings["clip_l"])
+    assert all(torch.equal(cropped.values[p], square.values[p]) for p in square.values)
+    assert not torch.equal(squashed.embeddings["clip_l"], square.embeddings["clip_l"])
 
 
 def test_train_node_refuses_bad_input_clearly():
