@@ -212,6 +212,9 @@ class PerfusionTrainConcept(io.ComfyNode):
             return save
 
         validation_prompt = validation_prompt.strip()
+        if validation_prompt and f"embedding:{name}" not in validation_prompt:
+            log.warning("Perfusion training '%s': the validation prompt does not say embedding:%s, so its renders "
+                        "will not show the concept.", name, name)
         renders = []
 
         def validate(steps_done, snapshot):

@@ -10,7 +10,7 @@ from conftest import REPO
 from support.tiny_models import ARCHS, sample, tiny_clip, tiny_model
 
 NODE_IDS = {"PerfusionLoadConcept", "PerfusionSaveConcept", "PerfusionApplyConcept", "PerfusionCombineConcepts",
-            "PerfusionTrainConcept", "PerfusionLoadPhotos"}  # every node of the pack (checked below)
+            "PerfusionTrainConcept", "PerfusionLoadPhotos", "PerfusionGateSweep"}  # every node of the pack (checked below)
 
 
 @pytest.mark.host

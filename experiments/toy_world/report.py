@@ -362,3 +362,35 @@ def replace_section(path: Path, heading: str, body: str) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
     path.write_text(text.rstrip("\n") + "\n")
+
+
+COMPOSITION_HEADING = "## 7. Two concepts in one prompt, token by token (no sampling)"
+
+
+def composition_section(composition: dict, command: str, machine: str, date: str) -> str:
+    """Issue 20's first step (composition.py): r, g and α per token under the combined patch against alone."""
+    a, b = composition["concepts"]
+    lines = [COMPOSITION_HEADING, "",
+             f"`{command} --until composition`, {date}; {machine}. No sampling: the Perfusion concepts of §6 "
+             f"({a}, {b}), the composition prompts of §5 encoded by the world's CLIP with both concepts, and for every "
+             f"token (BOS through EOS) each concept's gate input r, gate g (tau {composition['tau']:g}) and removal "
+             "coefficient alpha: alone (alpha = r), combined in exact mode (alpha = G^-1 s), combined in approximate "
+             "mode (alpha = r, as alone). A concept's gate depends only on that concept, so combining changes a "
+             "token's edit only through alpha (exact mode) and through the other concept's gate opening there.", "",
+             f"How alike the concepts look in the metric of C: G_ab / sqrt(G_aa G_bb) = "
+             f"{composition['metric_cosine']:.3f} ({composition['metric_cosine_ba']:.3f} the other way; 0 would make "
+             "exact and approximate mode equal).", ""]
+    for beta, kinds in composition["by_beta"].items():
+        lines += [f"beta {beta}:", "",
+                  f"| prompts | token | tokens | r {a} | g {a} | alpha {a} (exact) | r {b} | g {b} | alpha {b} (exact) "
+                  "| largest change of alpha by combining | largest gate of each concept |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for kind, rows in kinds.items():
+            for row in rows:
+                pa, pb = row["per_concept"][a], row["per_concept"][b]
+                lines.append(f"| {kind} | {row['word']} | {row['tokens']} | {pa['r']:.2f} | {pa['g']:.2f} | "
+                             f"{pa['alpha_exact']:.2f} | {pb['r']:.2f} | {pb['g']:.2f} | {pb['alpha_exact']:.2f} | "
+                             f"{row['max_alpha_change']:.3f} | {row['max_gate'][0]:.2f} / {row['max_gate'][1]:.2f} |")
+        lines.append("")
+    lines.append(f"Wall time: {composition['seconds'] / 60:.1f} min (the concepts come from the cache of §6).")
+    return "\n".join(lines) + "\n"

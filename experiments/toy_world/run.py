@@ -6,6 +6,8 @@ Stages, each cached in ~/.cache/comfyui-perfusion/toy_world/<stage>-<config hash
   vae       the TAESD-format VAE (hand-set weights: 8x8 patch means, decoded as mosaics)
   base      the UNet trained on captioned world scenes; the SD1.5-format checkpoint
   gates     the gate calibration of the Perfusion concepts (no judges, no sampling) -> gates.json, REPORT.md
+  composition  r, g and alpha per token of the two-concept prompts, combined against alone (no sampling)
+            -> composition.json, REPORT.md
   judges    small CNNs: attributes (background, position, shape, colour, size) and the held-out concepts
   results   the experiments through ComfyUI's executor and the pack's nodes -> results.json, figures, REPORT.md
 """
@@ -101,8 +103,10 @@ def stage_base(cfg=BASE_CONFIG):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded run used 2, on 2 idle cores)")
-    parser.add_argument("--until", choices=["vae", "base", "gates", "judges", "results"], default="results",
-                        help="gates: the gate calibration (gates.py), which needs no judges and no sampling")
+    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "judges", "results"],
+                        default="results", help="gates: the gate calibration (gates.py); composition: the per-token "
+                                                "coefficients of two concepts (composition.py); neither needs judges "
+                                                "or sampling")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
     parser.add_argument("--only", choices=["judges"], help="run just this stage (its inputs must be cached or cheap)")
     args = parser.parse_args()
@@ -126,6 +130,11 @@ def main():
         gates.run_gates(stage_base(), HERE)
         write_gates_report()
         return
+    if args.until == "composition":
+        import composition
+        composition.run_composition(stage_base(), HERE)
+        write_composition_report()
+        return
     import judges
     import experiments
     judge_path = judges.stage_judges(stage_vae())
@@ -146,6 +155,16 @@ def write_gates_report():
     command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
     body = report.gates_section(gates, command, _machine(), datetime.date.today().isoformat())
     report.replace_section(HERE / "REPORT.md", report.GATES_HEADING, body)
+
+
+def write_composition_report():
+    """Section 7 of REPORT.md from composition.json (report.composition_section)."""
+    import datetime
+    import report
+    composition = json.loads((HERE / "composition.json").read_text())
+    command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
+    body = report.composition_section(composition, command, _machine(), datetime.date.today().isoformat())
+    report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
 
 
 def _machine() -> str:
@@ -189,6 +208,8 @@ def write_report(judge_path):
     report.write_report(HERE / "REPORT.md", results, stages, command, machine, narrative)
     if (HERE / "gates.json").is_file():
         write_gates_report()
+    if (HERE / "composition.json").is_file():
+        write_composition_report()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Two concepts in one prompt, without sampling (issue 20, first step; REPORT.md §7).
+
+For every token of the composition prompts (both concepts; a concept next to a world object), each concept's
+gate input r_a, gate g_a and removal coefficient α_a (docs/method.md §1-§2, perfusion_ops/rank1.py), under the
+combined patch in exact and approximate mode, against each concept applied alone. A concept's gate g_a depends
+only on that concept, so combining can change a token's edit only through α (exact mode: α = G⁻¹ s instead of
+α_a = r_a) and through the other concept's own gate opening on it. If both are small on every token, the
+multi-concept path does to each token what the single concepts do, and a composition failure lies elsewhere (the
+operating point or locking, which the sampled steps of issue 20 separate).
+
+    nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py --until composition
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import comfy_graphs
+import experiments
+import world
+
+log = logging.getLogger(__name__)
+BETAS = (0.4, 0.7)  # the paper's range for global locking, and the default
+TAU = 0.15
+
+
+def composition_prompts(a: str, b: str) -> dict[str, list[str]]:
+    """The prompts of the toy world's composition experiment (experiments.run_two_concepts)."""
+    two = [f"a embedding:{x} and a embedding:{y} on {bg}" for bg in experiments.CONTEXT_BACKGROUNDS
+           for x, y in ((a, b), (b, a))]
+    companion = [f"a embedding:{concept} and a {colour} {shape} on {bg}"
+                 for (colour, shape), bg in zip(experiments.COMPANIONS, experiments.CONTEXT_BACKGROUNDS)
+                 for concept in (a, b)]
+    return {"two concepts": two, "concept and world object": companion}
+
+
+def token_rows(clip, concepts: list, prompt: str, leak, rank1, torch, beta: float) -> list[dict]:
+    """Per token (BOS..EOS): which word it is (a concept's or another), every concept's r, g, and α alone
+    (= r), combined exact (α = G⁻¹ s) and combined approximate (= r)."""
+    names = [c.name for c in concepts]
+    order = re.findall(r"embedding:(\w+)", prompt)  # word-vector positions come in the order of the prompt
+    r_by_concept, positions = [], None
+    for concept in concepts:
+        r, positions = leak.token_gate_inputs(clip, concept, prompt)
+        r_by_concept.append(r)
+    r = torch.stack(r_by_concept, dim=1)                                       # [tokens, k]
+    u, energy, gram = rank1.metric_gram(torch.stack([c.i_star for c in concepts]),
+                                        torch.stack([c.u for c in concepts]))
+    s = r * energy                                                             # s_a = r_a E_a (unit u)
+    alpha_exact = s @ torch.linalg.inv(gram).T                                 # α = G⁻¹ s, row by row
+    g = rank1.gate(r, beta, TAU)
+    words = {position: order[i] for i, position in enumerate(positions)}
+    return [{"word": words.get(t, "other"), "r": r[t].tolist(), "g": g[t].tolist(),
+             "alpha_exact": alpha_exact[t].tolist(), "alpha_alone": r[t].tolist(), "names": names}
+            for t in range(r.shape[0])]
+
+
+def summarise(rows: list[dict], names: list[str]) -> list[dict]:
+    """Per kind of token (each concept's word, the other tokens): means of r, g and α per concept, and the
+    largest change combining makes to a token's coefficients (|α exact − α alone|, and g of the other concept)."""
+    out = []
+    for word in names + ["other"]:
+        picked = [row for row in rows if row["word"] == word]
+        if not picked:
+            continue
+        mean = lambda key, a: sum(row[key][a] for row in picked) / len(picked)  # noqa: E731
+        out.append({
+            "word": word, "tokens": len(picked),
+            "per_concept": {name: {"r": mean("r", a), "g": mean("g", a), "alpha_exact": mean("alpha_exact", a)}
+                            for a, name in enumerate(names)},
+            "max_alpha_change": max(abs(row["alpha_exact"][a] - row["alpha_alone"][a])
+                                    for row in picked for a in range(len(names))),
+            "max_gate": [max(row["g"][a] for row in picked) for a in range(len(names))]})
+    return out
+
+
+def run_composition(ckpt_path: Path, out_dir: Path) -> dict:
+    import comfy.sd
+    import torch
+    concepts_dir = experiments.concepts_folder(ckpt_path)
+    pack = experiments._setup(ckpt_path, concepts_dir)
+    ops = lambda name: importlib.import_module(f"{pack.__name__}.perfusion_ops.{name}")  # noqa: E731  (as loaded)
+    concept_file, leak, rank1, text = (ops(n) for n in ("concept_file", "leak", "rank1", "text"))
+    t0 = time.time()
+    trained = experiments.train_concepts(comfy_graphs.Runner(), ckpt_path.name, concepts_dir, ["perfusion"])
+    a, b = sorted(world.CONCEPTS)
+    concepts = [concept_file.read_concept(concepts_dir / trained["files"]["perfusion"][name]) for name in (a, b)]
+    clip = comfy.sd.load_checkpoint_guess_config(str(ckpt_path), output_vae=False)[1]
+    concept_clip = text.clip_with_concepts(clip, concepts)
+    _, energy, gram = rank1.metric_gram(torch.stack([c.i_star for c in concepts]),
+                                        torch.stack([c.u for c in concepts]))
+    results = {"concepts": [a, b], "tau": TAU, "training_seconds": trained["seconds"],
+               # G_ab / sqrt(G_aa G_bb): how alike the two concepts look in the metric of C (0: exact = approximate)
+               "metric_cosine": float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt()),
+               "metric_cosine_ba": float(gram[1, 0] / (gram[0, 0] * gram[1, 1]).sqrt()), "by_beta": {}}
+    prompts = composition_prompts(a, b)
+    for beta in BETAS:
+        results["by_beta"][str(beta)] = {
+            kind: summarise([row for prompt in texts
+                             for row in token_rows(concept_clip, concepts, prompt, leak, rank1, torch, beta)], [a, b])
+            for kind, texts in prompts.items()}
+    results["prompts"] = prompts
+    results["seconds"] = time.time() - t0
+    (out_dir / "composition.json").write_text(json.dumps(results, indent=1))
+    log.info("composition: %s", json.dumps(results)[:2000])
+    return results
