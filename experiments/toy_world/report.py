@@ -392,5 +392,28 @@ def composition_section(composition: dict, command: str, machine: str, date: str
                              f"{pa['alpha_exact']:.2f} | {pb['r']:.2f} | {pb['g']:.2f} | {pb['alpha_exact']:.2f} | "
                              f"{row['max_alpha_change']:.3f} | {row['max_gate'][0]:.2f} / {row['max_gate'][1]:.2f} |")
         lines.append("")
+    lines += ["Reading, from the tables: " + "; ".join(_composition_reading(composition)) + ". The sampled "
+              "steps of issue 20 (each concept alone against the combined set on the companion prompts, at two "
+              "betas, local and global locking; judges that can tell the star) are still to be run.", ""]
     lines.append(f"Wall time: {composition['seconds'] / 60:.1f} min (the concepts come from the cache of §6).")
     return "\n".join(lines) + "\n"
+
+
+def _composition_reading(composition: dict) -> list[str]:
+    """What the per-token tables say, as numbers: own gates, cross gates, the largest change of alpha."""
+    a, b = composition["concepts"]
+    out = []
+    for beta, kinds in composition["by_beta"].items():
+        rows = [row for rows in kinds.values() for row in rows]
+        own = [row["per_concept"][row["word"]]["g"] for row in rows if row["word"] in (a, b)]
+        cross = [row["per_concept"][b if row["word"] == a else a]["g"] for row in rows if row["word"] in (a, b)]
+        other = max(max(row["max_gate"]) for row in rows if row["word"] == "other")
+        out.append(f"at beta {beta} each concept's word opens its own gate at {min(own):.2f}-{max(own):.2f} on "
+                   f"average and the other concept's at {min(cross):.2f}-{max(cross):.2f}, and the largest gate on "
+                   f"any other token is {other:.2f}")
+    change = max(row["max_alpha_change"] for kinds in composition["by_beta"].values() for rows in kinds.values()
+                 for row in rows)
+    out.append(f"combining (exact mode) changes any token's alpha by at most {change:.2f} against the concepts "
+               "alone (at each concept's word it takes out the other concept's share, r of about 0.1), so on these "
+               "prompts the joint patch gives each token what the single concepts give it, up to that cross-talk")
+    return out
