@@ -104,7 +104,7 @@ def train_graph(ckpt: str, concept: str, superclass: str, photo_seed: int, filen
 def sample_graph(ckpt: str, prompts: dict[str, str], sampling: dict, concepts: list[dict] | None = None) -> dict:
     """CheckpointLoaderSimple [-> PerfusionLoadConcept -> PerfusionApplyConcept (chained, one per entry of
     `concepts`, or one PerfusionCombineConcepts)] -> CLIPTextEncode -> KSampler -> VAEDecode -> capture.
-    `prompts`: tag -> text. `concepts`: [{"file", "strength", "beta", "tau"}] or
+    `prompts`: tag -> text. `concepts`: [{"file", "strength", "beta", "tau"[, "key_locking"]}] or
     [{"files": [...], "combine": True, ...}]."""
     g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
     model, clip = ["ckpt", 0], ["ckpt", 1]
@@ -121,7 +121,8 @@ def sample_graph(ckpt: str, prompts: dict[str, str], sampling: dict, concepts: l
             source = [f"combine{i}", 0]
         g[f"apply{i}"] = {"class_type": "PerfusionApplyConcept", "inputs": {
             "model": model, "clip": clip, "concept": source, "strength": c.get("strength", 1.0),
-            "beta": c.get("beta", 0.7), "tau": c.get("tau", 0.15), "start_at": 0.0, "end_at": 1.0}}
+            "beta": c.get("beta", 0.7), "tau": c.get("tau", 0.15), "start_at": 0.0, "end_at": 1.0,
+            "key_locking": c.get("key_locking", "local")}}
         model, clip = [f"apply{i}", 0], [f"apply{i}", 1]
     g["negative"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}}
     g["latent"] = {"class_type": "EmptyLatentImage", "inputs": {"width": world.SIZE, "height": world.SIZE,

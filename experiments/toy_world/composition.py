@@ -9,6 +9,12 @@ multi-concept path does to each token what the single concepts do, and a composi
 operating point or locking, which the sampled steps of issue 20 separate).
 
     nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py --until composition
+
+Then, sampled (`--until companions`, needs the judges): the companion prompts (a concept next to a world object)
+with each concept applied alone and with the combined set, at both betas, local and global key-locking. The
+concept judge reads whether the concept is in the image: if a concept alone fails as the combined set does, the
+multi-concept path is cleared; if it recovers at the lower beta, it is the operating point; if it fails at both,
+it is locking (or the world).
 """
 from __future__ import annotations
 
@@ -107,4 +113,53 @@ def run_composition(ckpt_path: Path, out_dir: Path) -> dict:
     results["seconds"] = time.time() - t0
     (out_dir / "composition.json").write_text(json.dumps(results, indent=1))
     log.info("composition: %s", json.dumps(results)[:2000])
+    return results
+
+
+def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
+    import numpy as np
+    import judges
+    concepts_dir = experiments.concepts_folder(ckpt_path)
+    experiments._setup(ckpt_path, concepts_dir)
+    runner = comfy_graphs.Runner()
+    files = experiments.train_concepts(runner, ckpt_path.name, concepts_dir, ["perfusion"])["files"]["perfusion"]
+    attribute_judge, concept_judge = judges.load_judges(judge_path)
+    a, b = sorted(world.CONCEPTS)
+    t0 = time.time()
+    rows = []
+    for locking in ("local", "global"):
+        for beta in BETAS:
+            for applied in ([a], [b], [a, b]):
+                spec = {"files": [files[name] for name in applied], "strength": 1.0, "beta": beta, "tau": TAU,
+                        "key_locking": locking}
+                prompts = {f"companion|{concept}|{bg}": (f"a embedding:{concept} and a {colour} {shape} on {bg}",
+                                                         concept, bg)
+                           for (colour, shape), bg in zip(experiments.COMPANIONS, experiments.CONTEXT_BACKGROUNDS)
+                           for concept in applied}
+                if len(applied) == 1:  # the control: the concept alone in the prompt, on the same backgrounds
+                    prompts.update({f"alone|{applied[0]}|{bg}": (f"a embedding:{applied[0]} on {bg}", applied[0], bg)
+                                    for bg in experiments.CONTEXT_BACKGROUNDS})
+                runner.run(comfy_graphs.sample_graph(ckpt_path.name, {t: p for t, (p, _, _) in prompts.items()},
+                                                     experiments.SAMPLING, [spec]))
+                for kind in ("companion", "alone"):
+                    for concept in applied:
+                        found, background, two = [], [], []
+                        for tag, (_, wanted, bg) in prompts.items():
+                            if wanted != concept or not tag.startswith(kind + "|"):
+                                continue
+                            images = comfy_graphs.CAPTURED.pop(tag)
+                            found += list(concept_judge.probabilities(images)[concept] > 0.5)
+                            predicted = attribute_judge.predict(images)
+                            background += [p["background"] == bg for p in predicted]
+                            two += [p["count"] == "2" for p in predicted]
+                        if not found:
+                            continue
+                        rows.append({"locking": locking, "beta": beta, "applied": "+".join(applied),
+                                     "prompt": "with a world object" if kind == "companion" else "concept only",
+                                     "concept": concept, "images": len(found),
+                                     "concept_detected": float(np.mean(found)),
+                                     "background": float(np.mean(background)), "two_objects": float(np.mean(two))})
+                        log.info("companions: %s", rows[-1])
+    results = {"sampling": experiments.SAMPLING, "tau": TAU, "rows": rows, "seconds": time.time() - t0}
+    (out_dir / "companions.json").write_text(json.dumps(results, indent=1))
     return results

@@ -8,6 +8,8 @@ Stages, each cached in ~/.cache/comfyui-perfusion/toy_world/<stage>-<config hash
   gates     the gate calibration of the Perfusion concepts (no judges, no sampling) -> gates.json, REPORT.md
   composition  r, g and alpha per token of the two-concept prompts, combined against alone (no sampling)
             -> composition.json, REPORT.md
+  companions   the companion prompts sampled with each concept alone and the combined set (needs the judges)
+            -> companions.json, REPORT.md
   judges    small CNNs: attributes (background, position, shape, colour, size) and the held-out concepts
   results   the experiments through ComfyUI's executor and the pack's nodes -> results.json, figures, REPORT.md
 """
@@ -103,7 +105,8 @@ def stage_base(cfg=BASE_CONFIG):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded run used 2, on 2 idle cores)")
-    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "judges", "results"],
+    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "companions", "judges",
+                                                     "results"],
                         default="results", help="gates: the gate calibration (gates.py); composition: the per-token "
                                                 "coefficients of two concepts (composition.py); neither needs judges "
                                                 "or sampling")
@@ -140,6 +143,11 @@ def main():
     judge_path = judges.stage_judges(stage_vae())
     if args.until == "judges":
         return
+    if args.until == "companions":
+        import composition
+        composition.run_companions(stage_base(), judge_path, HERE)
+        write_composition_report()
+        return
     if not (args.report_only and (HERE / "results.json").is_file()):
         experiments.run_all(stage_base(), judge_path, HERE)
     experiments.add_gate_inputs(stage_base(), HERE)
@@ -162,8 +170,11 @@ def write_composition_report():
     import datetime
     import report
     composition = json.loads((HERE / "composition.json").read_text())
+    companions_file = HERE / "companions.json"
+    companions = json.loads(companions_file.read_text()) if companions_file.is_file() else None
     command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
-    body = report.composition_section(composition, command, _machine(), datetime.date.today().isoformat())
+    body = report.composition_section(composition, command, _machine(), datetime.date.today().isoformat(),
+                                      companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
 
 
