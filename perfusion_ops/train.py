@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import host
-from .concept import ARCHITECTURES, INFERENCE_BETA, INFERENCE_TAU, TRAIN_BETA, TRAIN_TAU, Concept
+from .concept import INFERENCE_BETA, INFERENCE_TAU, TRAIN_BETA, TRAIN_TAU, Concept
 from .covariance import inverse, metric_vector
 from .precision import describe, loss_scale_for
 from .errors import PerfusionError

@@ -190,7 +190,6 @@ def test_the_files_i_star_is_the_finished_words_encoding_and_its_gate_input_in_n
 def test_applying_with_a_differently_set_up_clip_warns_naming_both_setups(small_corpus, tmp_path, caplog):
     """Training records the CLIP's setup (text.clip_setup); applying the concept with another clip skip, another
     text encoder or a LoRA on the CLIP warns, naming both; the same setup (also a clone) does not."""
-    import comfy.sd
     from perfusion_ops import text, train
     from perfusion_ops.covariance import cached_covariance
     model, clip, vae = tiny_model("sd1", std=0.2), tiny_clip("sd1"), tiny_vae()
