@@ -60,7 +60,11 @@ def token_rows(clip, concepts: list, prompt: str, leak, rank1, torch, beta: floa
     alpha_exact = s @ torch.linalg.inv(gram).T                                 # α = G⁻¹ s, row by row
     g = rank1.gate(r, beta, TAU)
     words = {position: order[i] for i, position in enumerate(positions)}
-    return [{"word": words.get(t, "other"), "r": r[t].tolist(), "g": g[t].tolist(),
+    chunk = next(iter(clip.tokenize(prompt).values()))[0]
+    tokenizer = clip.tokenizer.clip_l.tokenizer  # the world's CLIP-L (Hugging Face CLIPTokenizer)
+    where = lambda t: ("BOS" if t == 0 else "EOS" if t == r.shape[0] - 1 else  # noqa: E731
+                       tokenizer.decode([chunk[t][0]]) if isinstance(chunk[t][0], int) else "concept")
+    return [{"word": words.get(t, "other"), "where": where(t), "r": r[t].tolist(), "g": g[t].tolist(),
              "alpha_exact": alpha_exact[t].tolist(), "alpha_alone": r[t].tolist(), "names": names}
             for t in range(r.shape[0])]
 
@@ -80,7 +84,9 @@ def summarise(rows: list[dict], names: list[str]) -> list[dict]:
                             for a, name in enumerate(names)},
             "max_alpha_change": max(abs(row["alpha_exact"][a] - row["alpha_alone"][a])
                                     for row in picked for a in range(len(names))),
-            "max_gate": [max(row["g"][a] for row in picked) for a in range(len(names))]})
+            "max_gate": [max(row["g"][a] for row in picked) for a in range(len(names))],
+            # where on the prompt that largest gate is (BOS, EOS or a word), per concept
+            "max_gate_at": [max(picked, key=lambda row: row["g"][a])["where"] for a in range(len(names))]})
     return out
 
 

@@ -426,7 +426,8 @@ def composition_section(composition: dict, command: str, machine: str, date: str
                 pa, pb = row["per_concept"][a], row["per_concept"][b]
                 lines.append(f"| {kind} | {row['word']} | {row['tokens']} | {pa['r']:.2f} | {pa['g']:.2f} | "
                              f"{pa['alpha_exact']:.2f} | {pb['r']:.2f} | {pb['g']:.2f} | {pb['alpha_exact']:.2f} | "
-                             f"{row['max_alpha_change']:.3f} | {row['max_gate'][0]:.2f} / {row['max_gate'][1]:.2f} |")
+                             f"{row['max_alpha_change']:.3f} | {row['max_gate'][0]:.2f} / {row['max_gate'][1]:.2f}"
+                             + (f" ({' / '.join(row['max_gate_at'])})" if row["word"] == "other" else "") + " |")
         lines.append("")
     lines += ["Reading, from the tables: " + "; ".join(_composition_reading(composition)) + ".", ""]
     if companions is not None:
