@@ -70,6 +70,7 @@ def run_gates(ckpt_path: Path, out_dir: Path) -> dict:
     runner = comfy_graphs.Runner()
     trained = experiments.train_concepts(runner, ckpt_name, concepts_dir, ["perfusion"])
     results["seconds_training"] = trained["seconds"]
+    t0 = time.time()  # the measurement alone
     rows = []
     for concept_name, file in sorted(trained["files"]["perfusion"].items()):
         concept = concept_file.read_concept(concepts_dir / file)
@@ -94,6 +95,6 @@ def run_gates(ckpt_path: Path, out_dir: Path) -> dict:
         rows.append(row)
         log.info("gates %s: %s", concept_name, json.dumps(row))
     results["concepts"] = rows
-    results["seconds_measurement"] = time.time() - t0
+    results["seconds_measurement_only"] = time.time() - t0
     (out_dir / "gates.json").write_text(json.dumps(results, indent=1))
     return results

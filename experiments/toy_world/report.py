@@ -345,10 +345,13 @@ def gates_section(gates: dict, command: str, machine: str, date: str) -> str:
         lines += [f"- {concept}, u from {names.get(key, key)}: `{e[0]}`, position {e[1]}, r = {e[2]:.2f}"
                   for concept, key, e in examples]
     seconds = gates.get("seconds_training") or {}
-    lines += ["", "Wall time: covariance and spectra {:.1f} min; training {}; measurement {:.1f} min.".format(
+    # gates.json of runs before 2026-12-03's fix timed training and measurement together as "seconds_measurement"
+    measured = ("measurement", gates["seconds_measurement_only"]) if "seconds_measurement_only" in gates else \
+        ("training and measurement together", gates["seconds_measurement"])
+    lines += ["", "Wall time: covariance and spectra {:.1f} min; training {}; {} {:.1f} min.".format(
         gates["seconds_covariance"] / 60,
         ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items() if v) or "cached",
-        gates["seconds_measurement"] / 60), ""]
+        measured[0], measured[1] / 60), ""]
     return "\n".join(lines)
 
 
@@ -360,7 +363,7 @@ def replace_section(path: Path, heading: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + body
     else:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + body.rstrip("\n") + "\n\n" + (text[end + 1:] if end >= 0 else "")
     path.write_text(text.rstrip("\n") + "\n")
 
 
