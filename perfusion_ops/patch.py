@@ -272,11 +272,9 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = INFEREN
                    start_at: float = 0.0, end_at: float = 1.0, exact: bool = True, key_locking: str = "local"):
     """A clone of `model` with `concepts` added to its joint Perfusion patch. The input stays untouched.
     `exact` and `key_locking` hold for the whole joint patch: the last call in a chain decides."""
-    if tau <= 0 or not math.isfinite(tau):
-        raise PerfusionError(f"tau must be a positive number, got {tau}.")
+    _check_tau(tau)
     for setting, value in (("strength", strength), ("beta", beta)):
-        if not math.isfinite(value):
-            raise PerfusionError(f"{setting} must be a finite number, got {value}.")
+        _check_finite(setting, value)
     if key_locking not in KEY_LOCKING:
         raise PerfusionError(f"key_locking must be one of {KEY_LOCKING}, got '{key_locking}'.")
     if not 0.0 <= start_at <= end_at <= 1.0:
@@ -295,11 +293,7 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = INFEREN
     sigma_start = math.inf if start_at <= 0 else float(sampling.percent_to_sigma(start_at))
     sigma_end = 0.0 if end_at >= 1 else float(sampling.percent_to_sigma(end_at))
     added = tuple(AppliedConcept(c, float(strength), float(beta), float(tau), sigma_start, sigma_end) for c in concepts)
-
-    patched = model.clone()
-    patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
-    patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, PerfusionPatch(previous + added, exact, key_locking))
-    return patched
+    return _with_joint_patch(model, PerfusionPatch(previous + added, exact, key_locking))
 
 
 def with_gate(model, beta: float, tau: float | None = None):
@@ -309,14 +303,27 @@ def with_gate(model, beta: float, tau: float | None = None):
     patches = model.get_wrappers(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
     if not patches:
         raise PerfusionError("The model has no Perfusion concept: connect the MODEL of a Perfusion Apply Concept.")
-    if not math.isfinite(beta):
-        raise PerfusionError(f"beta must be a finite number, got {beta}.")
-    if tau is not None and (tau <= 0 or not math.isfinite(tau)):
-        raise PerfusionError(f"tau must be a positive number, got {tau}.")
+    _check_finite("beta", beta)
+    if tau is not None:
+        _check_tau(tau)
     patch = patches[0]
     applied = tuple(replace(a, beta=float(beta), tau=a.tau if tau is None else float(tau)) for a in patch.applied)
-    gated = model.clone()
-    gated.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
-    gated.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY,
-                               PerfusionPatch(applied, patch.exact, patch.key_locking))
-    return gated
+    return _with_joint_patch(model, PerfusionPatch(applied, patch.exact, patch.key_locking))
+
+
+def _with_joint_patch(model, patch: PerfusionPatch):
+    """A clone of `model` whose joint Perfusion patch is `patch` (in place of any it had)."""
+    patched = model.clone()
+    patched.remove_wrappers_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY)
+    patched.add_wrapper_with_key(DIFFUSION_MODEL_WRAPPER, WRAPPER_KEY, patch)
+    return patched
+
+
+def _check_tau(tau: float) -> None:
+    if tau <= 0 or not math.isfinite(tau):
+        raise PerfusionError(f"tau must be a positive number, got {tau}.")
+
+
+def _check_finite(setting: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise PerfusionError(f"{setting} must be a finite number, got {value}.")
