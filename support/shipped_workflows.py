@@ -73,6 +73,11 @@ class Graph:
         source["outputs"][origin_slot]["links"].append(link_id)
         target["inputs"][target_slot]["link"] = link_id
 
+    def connect_all(self, links: list[tuple]) -> None:
+        """`connect` for each (source, output, target, input_name), in order (the order numbers the links)."""
+        for link in links:
+            self.connect(*link)
+
     def note(self, text: str, pos, size=(420, 220)) -> dict:
         node = {"id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
                 "order": 0, "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text],
@@ -203,11 +208,10 @@ def _apply_and_draw(graph: Graph, checkpoint: dict, concept_from: tuple, apply_p
                                                   "scheduler": "normal", "seed": 0}, size=(320, 270))
     decode = graph.add("VAEDecode", (x + 800, y), size=(210, 50))
     save = graph.add("SaveImage", (x + 800, y + 100), {"filename_prefix": prefix}, size=(420, 460))
-    links = [(apply, "MODEL", sampler, "model"), (positive, "CONDITIONING", sampler, "positive"), (negative, "CONDITIONING", sampler, "negative"),
-             (latent, "LATENT", sampler, "latent_image"), (sampler, "LATENT", decode, "samples"),
-             (checkpoint, "VAE", decode, "vae"), (decode, "IMAGE", save, "images")]
-    for link in links:
-        graph.connect(*link)
+    graph.connect_all([(apply, "MODEL", sampler, "model"), (positive, "CONDITIONING", sampler, "positive"),
+                       (negative, "CONDITIONING", sampler, "negative"), (latent, "LATENT", sampler, "latent_image"),
+                       (sampler, "LATENT", decode, "samples"), (checkpoint, "VAE", decode, "vae"),
+                       (decode, "IMAGE", save, "images")])
 
 
 def _prompts_and_latent(graph: Graph, apply: dict, prompt: str, x: int) -> tuple[dict, dict, dict]:
@@ -226,17 +230,16 @@ def _prompts_and_latent(graph: Graph, apply: dict, prompt: str, x: int) -> tuple
 def train_concept(info: dict) -> dict:
     graph, checkpoint = _graph_with_checkpoint(info, TRAIN_NOTE, 330, 390)
     photos = graph.add("PerfusionLoadPhotos", (20, 540), {"folder": CONCEPT}, size=(440, 110))
-    train, _ = _train_and_save(graph, (500, 20), "teddy")
+    train = _train_and_save(graph, (500, 20), "teddy")
     links = [(checkpoint, "MODEL", train, "model"), (checkpoint, "CLIP", train, "clip"),
              (checkpoint, "VAE", train, "vae"), (photos, "images", train, "images"), (photos, "masks", train, "masks")]
-    for link in links:
-        graph.connect(*link)
+    graph.connect_all(links)
     _apply_and_draw(graph, checkpoint, (train, "concept"), (940, 240),
                     f"a photo of embedding:{CONCEPT} on a wooden table", 1300, f"perfusion/{CONCEPT}")
     return graph.to_json("train_concept")
 
 
-def _train_and_save(graph: Graph, pos, superclass: str) -> tuple[dict, dict]:
+def _train_and_save(graph: Graph, pos, superclass: str) -> dict:
     """The train node at `pos` with a validation prompt, and right of it: save the concept, plot the loss,
     preview the validation renders (below the apply node's place in the train workflow)."""
     x, y = pos
@@ -246,10 +249,9 @@ def _train_and_save(graph: Graph, pos, superclass: str) -> tuple[dict, dict]:
     save = graph.add("PerfusionSaveConcept", (x + 440, y), {"filename_prefix": "{name}"}, size=(320, 60))
     loss = graph.add("LossGraphNode", (x + 440, y + 100), {"filename_prefix": f"{CONCEPT}_loss"}, size=(320, 60))
     validation = graph.add("PreviewImage", (x, y + 770), title="Validation renders", size=(400, 360))
-    for link in [(train, "concept", save, "concept"), (train, "loss", loss, "loss"),
-                 (train, "validation", validation, "images")]:
-        graph.connect(*link)
-    return train, save
+    graph.connect_all([(train, "concept", save, "concept"), (train, "loss", loss, "loss"),
+                       (train, "validation", validation, "images")])
+    return train
 
 
 def train_auto_masks(info: dict) -> dict:
@@ -262,15 +264,14 @@ def train_auto_masks(info: dict) -> dict:
     detect = graph.add("SAM3_Detect", (20, 1190), size=(440, 180))
     shown = graph.add("MaskPreview", (20, 1440), title="Masks from SAM3", size=(440, 300))
     graph.group(SAM3_GROUP, [sam3, what, detect, shown])
-    train, _ = _train_and_save(graph, (500, 20), "teddy")
+    train = _train_and_save(graph, (500, 20), "teddy")
     links = [(checkpoint, "MODEL", train, "model"), (checkpoint, "CLIP", train, "clip"),
              (checkpoint, "VAE", train, "vae"), (photos, "images", train, "images"),
              (word, "STRING", train, "superclass"), (word, "STRING", what, "text"), (sam3, "CLIP", what, "clip"),
              (sam3, "MODEL", detect, "model"), (photos, "images", detect, "image"),
              (what, "CONDITIONING", detect, "conditioning"), (detect, "masks", train, "masks"),
              (detect, "masks", shown, "mask")]
-    for link in links:
-        graph.connect(*link)
+    graph.connect_all(links)
     return graph.to_json("train_auto_masks")
 
 
@@ -287,8 +288,7 @@ def gate_sweep(info: dict) -> dict:
              (concept, "concept", apply, "concept"), (apply, "MODEL", sweep, "model"), (checkpoint, "VAE", sweep, "vae"),
              (positive, "CONDITIONING", sweep, "positive"), (negative, "CONDITIONING", sweep, "negative"),
              (latent, "LATENT", sweep, "latent_image"), (sweep, "grid", save, "images")]
-    for link in links:
-        graph.connect(*link)
+    graph.connect_all(links)
     return graph.to_json("gate_sweep")
 
 
