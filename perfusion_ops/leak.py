@@ -28,18 +28,22 @@ class GateReport:
     leaking: tuple          # (prompt index, token position, r) of every open other token
 
 
-def token_gate_inputs(clip, concept: Concept, prompt: str) -> tuple[torch.Tensor, list[int]]:
-    """r of every token of `prompt` (BOS through the first EOS of its first chunk) and the positions that hold a
-    word vector rather than a token id (the concept's word, for a CLIP that knows it)."""
+def prompt_context(clip, prompt: str) -> tuple[torch.Tensor, list[int]]:
+    """The encoding [tokens, d] (float64) of `prompt` from BOS through the first EOS of its first chunk, and the
+    positions that hold a word vector rather than a token id (the concepts' words, for a CLIP that knows them)."""
     tokens = clip.tokenize(prompt)
     chunk = next(iter(tokens.values()))[0]
     tokenizer = next(getattr(clip.tokenizer, a) for a in ("clip_l", "clip_h", "clip_g") if hasattr(clip.tokenizer, a))
-    ids = [item[0] for item in chunk]
     length = _content_length(chunk, tokenizer.end_token)
     with torch.no_grad():
         context = clip.encode_from_tokens(tokens)[0, :length].double()
+    return context, [i for i, item in enumerate(chunk[:length]) if not isinstance(item[0], int)]
+
+
+def token_gate_inputs(clip, concept: Concept, prompt: str) -> tuple[torch.Tensor, list[int]]:
+    """r of every token of `prompt` (prompt_context) and the positions that hold a word vector."""
+    context, positions = prompt_context(clip, prompt)
     u, i_star = concept.u.double(), concept.i_star.double()
-    positions = [i for i, t in enumerate(ids[:length]) if not isinstance(t, int)]
     return context @ u / (u @ i_star), positions
 
 

@@ -44,29 +44,30 @@ def composition_prompts(a: str, b: str) -> dict[str, list[str]]:
     return {"two concepts": two, "concept and world object": companion}
 
 
-def token_rows(clip, concepts: list, prompt: str, leak, rank1, torch, beta: float) -> list[dict]:
-    """Per token (BOS..EOS): which word it is (a concept's or another), every concept's r, g, and α alone
-    (= r), combined exact (α = G⁻¹ s) and combined approximate (= r)."""
+def token_rows(clip, concepts: list, prompt: str, leak, rank1, torch) -> list[dict]:
+    """Per token (BOS..EOS): which word it is (a concept's or another), every concept's r, and α alone (= r,
+    also combined approximate) and combined exact (α = G⁻¹ s). The prompt is encoded once for all concepts."""
     names = [c.name for c in concepts]
     order = re.findall(r"embedding:(\w+)", prompt)  # word-vector positions come in the order of the prompt
-    r_by_concept, positions = [], None
-    for concept in concepts:
-        r, positions = leak.token_gate_inputs(clip, concept, prompt)
-        r_by_concept.append(r)
-    r = torch.stack(r_by_concept, dim=1)                                       # [tokens, k]
+    context, positions = leak.prompt_context(clip, prompt)
     u, energy, gram = rank1.metric_gram(torch.stack([c.i_star for c in concepts]),
                                         torch.stack([c.u for c in concepts]))
-    s = r * energy                                                             # s_a = r_a E_a (unit u)
+    s = context @ u.T                                                          # s_a = u_aᵀ x (unit u)
+    r = s / energy                                                             # [tokens, k]
     alpha_exact = s @ torch.linalg.inv(gram).T                                 # α = G⁻¹ s, row by row
-    g = rank1.gate(r, beta, TAU)
     words = {position: order[i] for i, position in enumerate(positions)}
     chunk = next(iter(clip.tokenize(prompt).values()))[0]
     tokenizer = clip.tokenizer.clip_l.tokenizer  # the world's CLIP-L (Hugging Face CLIPTokenizer)
     where = lambda t: ("BOS" if t == 0 else "EOS" if t == r.shape[0] - 1 else  # noqa: E731
                        tokenizer.decode([chunk[t][0]]) if isinstance(chunk[t][0], int) else "concept")
-    return [{"word": words.get(t, "other"), "where": where(t), "r": r[t].tolist(), "g": g[t].tolist(),
+    return [{"word": words.get(t, "other"), "where": where(t), "r": r[t].tolist(),
              "alpha_exact": alpha_exact[t].tolist(), "alpha_alone": r[t].tolist(), "names": names}
             for t in range(r.shape[0])]
+
+
+def with_gates(rows: list[dict], beta: float, rank1, torch) -> list[dict]:
+    """The rows with each concept's gate g = σ((r − β)/τ) at this beta."""
+    return [{**row, "g": rank1.gate(torch.tensor(row["r"]), beta, TAU).tolist()} for row in rows]
 
 
 def summarise(rows: list[dict], names: list[str]) -> list[dict]:
@@ -110,11 +111,11 @@ def run_composition(ckpt_path: Path, out_dir: Path) -> dict:
                "metric_cosine": float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt()),
                "metric_cosine_ba": float(gram[1, 0] / (gram[0, 0] * gram[1, 1]).sqrt()), "by_beta": {}}
     prompts = composition_prompts(a, b)
-    for beta in BETAS:
-        results["by_beta"][str(beta)] = {
-            kind: summarise([row for prompt in texts
-                             for row in token_rows(concept_clip, concepts, prompt, leak, rank1, torch, beta)], [a, b])
+    rows = {kind: [row for prompt in texts for row in token_rows(concept_clip, concepts, prompt, leak, rank1, torch)]
             for kind, texts in prompts.items()}
+    for beta in BETAS:
+        results["by_beta"][str(beta)] = {kind: summarise(with_gates(kind_rows, beta, rank1, torch), [a, b])
+                                         for kind, kind_rows in rows.items()}
     results["prompts"] = prompts
     results["seconds"] = time.time() - t0
     (out_dir / "composition.json").write_text(json.dumps(results, indent=1))
