@@ -33,6 +33,7 @@ import comfy_env  # noqa: E402
 log = logging.getLogger("toy_world")
 
 VERSION = 1  # bump to invalidate every cached stage
+COMMAND = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"  # as the report cites it
 
 VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
 BASE_CONFIG = {"version": VERSION, "vae": VAE_CONFIG, "images": 24000, "data_seed": 2, "two_objects": 0.2,
@@ -105,8 +106,7 @@ def stage_base(cfg=BASE_CONFIG):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded run used 2, on 2 idle cores)")
-    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "companions", "judges",
-                                                     "results"],
+    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "companions", "judges", "results"],
                         default="results", help="gates: the gate calibration (gates.py); composition: the per-token "
                                                 "coefficients of two concepts (composition.py); neither needs judges "
                                                 "or sampling")
@@ -131,11 +131,13 @@ def main():
     if args.until == "gates":
         import gates
         gates.run_gates(stage_base(), HERE)
+        _record_machine(HERE / "gates.json")
         write_gates_report()
         return
     if args.until == "composition":
         import composition
         composition.run_composition(stage_base(), HERE)
+        _record_machine(HERE / "composition.json")
         write_composition_report()
         return
     import judges
@@ -160,8 +162,7 @@ def write_gates_report():
     import datetime
     import report
     gates = json.loads((HERE / "gates.json").read_text())
-    command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
-    body = report.gates_section(gates, command, _machine(), datetime.date.today().isoformat())
+    body = report.gates_section(gates, COMMAND, gates.get("machine") or _machine(), datetime.date.today().isoformat())
     report.replace_section(HERE / "REPORT.md", report.GATES_HEADING, body)
 
 
@@ -172,10 +173,17 @@ def write_composition_report():
     composition = json.loads((HERE / "composition.json").read_text())
     companions_file = HERE / "companions.json"
     companions = json.loads(companions_file.read_text()) if companions_file.is_file() else None
-    command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
-    body = report.composition_section(composition, command, _machine(), datetime.date.today().isoformat(),
-                                      companions)
+    body = report.composition_section(composition, COMMAND, composition.get("machine") or _machine(),
+                                      datetime.date.today().isoformat(), companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
+
+
+def _record_machine(results_file: Path) -> None:
+    """Add the machine the stage just ran on (its torch threads included) to its results, for reports written
+    later by another process."""
+    results = json.loads(results_file.read_text())
+    results["machine"] = _machine()
+    results_file.write_text(json.dumps(results, indent=1))
 
 
 def _machine() -> str:
@@ -215,8 +223,7 @@ def write_report(judge_path):
     machine = _machine()
     narrative_file = HERE / "narrative.md"
     narrative = narrative_file.read_text() if narrative_file.is_file() else ""
-    command = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"
-    report.write_report(HERE / "REPORT.md", results, stages, command, machine, narrative)
+    report.write_report(HERE / "REPORT.md", results, stages, COMMAND, machine, narrative)
     if (HERE / "gates.json").is_file():
         write_gates_report()
     if (HERE / "composition.json").is_file():
