@@ -61,3 +61,68 @@ def test_world_words_are_single_clip_tokens():
     words = [*world.SHAPES, *world.COLOURS, *world.BACKGROUNDS, *world.POSITIONS, *world.SIZES, "striped", "dotted"]
     for word in words:
         assert len(tokenizer(word)["input_ids"]) == 3, word  # BOS, the word, EOS
+
+
+def test_front_prompts_ask_for_what_the_photos_contradict():
+    import front
+    photos = [s.labels for s in world.concept_training_scenes(front.CONCEPT, seed=7)]
+    prompts = front.front_prompts(f"embedding:{front.CONCEPT}")
+    assert len(prompts) == 8
+    for text, want in prompts.values():
+        parsed = world.parse_caption(text)
+        assert parsed["objects"][0]["concept"] == front.CONCEPT
+        assert (parsed["objects"][0]["size"], parsed["background"], parsed["position"]) == \
+            (want["size"], want["background"], want["position"])
+        assert all(want["size"] != p["size"] and want["background"] != p["background"]
+                   and want["position"] != p["position"] for p in photos)
+
+
+def _front_rows(locked, trained, ti_point, seeds=(0, 1, 2)):
+    """Rows as front.run_front writes them: curves of (beta, fidelity, alignment) per method, the same per seed
+    up to a seed offset in alignment (kept within 0..1)."""
+    rows = []
+    for seed in seeds:
+        for method, curve in (("perfusion", locked), ("trained_keys", trained), ("ti", [ti_point])):
+            for beta, fidelity, alignment in curve:
+                rows.append({"method": method, "seed": seed, "beta": beta, "tau": 0.15, "label": f"{method} {beta}",
+                             "fidelity": fidelity, "detected": fidelity, "alignment": alignment - 0.01 * seed,
+                             "images": 24})
+    return {"rows": rows}
+
+
+def test_front_compares_methods_at_equal_fidelity_not_at_equal_beta():
+    import front
+    betas = [0.4, 0.55, 0.7, 0.85, 1.0]
+    locked = [(b, 1.0 - b, b) for b in betas]              # alignment = 1 - fidelity
+    trained = [(b, 1.2 - b, b - 0.3) for b in betas]       # alignment = 0.9 - fidelity: 0.1 below at equal fidelity
+    results = _front_rows(locked, trained, (0.7, 0.45, 0.35))  # on the locked curve 0.55 - 0.35 = 0.2 below
+    vs_trained = front.equal_fidelity(results, "trained_keys")["alignment_difference"]
+    assert vs_trained["per_seed"] == pytest.approx([0.1, 0.1, 0.1])  # at equal beta it would read 0.3
+    vs_ti = front.equal_fidelity(results, "ti")["alignment_difference"]
+    assert vs_ti["per_seed"] == pytest.approx([0.2, 0.2, 0.2]) and vs_ti["low"] == pytest.approx(0.2)
+    knob = front.knob(results)
+    assert knob["betas"] == [0.4, 1.0]
+    assert knob["fidelity_fall"]["mean"] == pytest.approx(0.6) and knob["alignment_rise"]["mean"] == pytest.approx(0.6)
+    apart = _front_rows(locked, [(b, f + 2.0, a) for b, f, a in trained], (0.7, 0.45, 0.35))
+    assert front.equal_fidelity(apart, "trained_keys") == {"other": "trained_keys", "alignment_difference": None,
+                                                           "seeds_without_overlap": [0, 1, 2]}
+
+
+def test_front_intervals_and_exact_tests():
+    import front
+    interval = front.mean_interval([0.2, 0.3, 0.4])
+    assert interval["mean"] == pytest.approx(0.3)
+    assert interval["high"] - interval["mean"] == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2)
+    assert front.fisher(0.5, 24, 0.5, 24) == pytest.approx(1.0)
+    assert front.fisher(1.0, 24, 0.0, 24) < 1e-10
+    assert front.fisher(24 / 48, 48, 20 / 48, 48) == pytest.approx(_fisher_two_sided(24, 48, 20, 48))
+
+
+def _fisher_two_sided(a, n_a, b, n_b):
+    """Fisher's exact test from the hypergeometric law: the probability of every table with the same margins
+    that is no more likely than the observed one."""
+    from math import comb
+    total, n = a + b, n_a + n_b
+    p = [comb(n_a, k) * comb(n_b, total - k) / comb(n, total) for k in range(max(0, total - n_b), min(n_a, total) + 1)]
+    observed = comb(n_a, a) * comb(n_b, b) / comb(n, total)
+    return sum(q for q in p if q <= observed * (1 + 1e-9))

@@ -457,3 +457,92 @@ def _composition_reading(composition: dict) -> list[str]:
                "alone (at each concept's word it takes out the other concept's share, r of about 0.1), so on these "
                "prompts the joint patch gives each token what the single concepts give it, up to that cross-talk")
     return out
+
+
+FRONT_HEADING = "## 8. The fidelity/alignment front: the concept asked for small, three training seeds"
+
+
+def _interval(x: dict, pct: bool = True) -> str:
+    """A rate or probability: mean [interval], the interval cut to 0..1."""
+    f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.2f}")
+    return f"{f(x['mean'])} [{f(max(0.0, x['low']))}, {f(min(1.0, x['high']))}]"
+
+
+def _difference(x: dict | None) -> str:
+    return "no overlap" if x is None else (f"{100 * x['mean']:+.0f} points [{100 * x['low']:+.0f}, "
+                                           f"{100 * x['high']:+.0f}] (per seed: "
+                                           + ", ".join(f"{100 * v:+.0f}" for v in x["per_seed"]) + ")")
+
+
+def front_sweeps(front: dict) -> list[dict]:
+    """The settings averaged over seeds, in the form front_plot reads (and the superclass word's point)."""
+    import front as front_module
+    table = front_module.settings_table(front)
+    return ([{"method": s["method"], "beta": s["beta"], "tau": s["tau"], "fidelity": s["fidelity"]["mean"],
+              "alignment": s["alignment"]["mean"]} for s in table]
+            + [{"method": "superclass", "beta": 0.0, "tau": 0.0, **front["superclass"]}])
+
+
+def front_section(front: dict, command: str, machine: str, date: str) -> str:
+    """Issue 20 items 3 and 4 (front.py): the settings table, the knob, and locked keys against the baselines."""
+    import front as front_module
+    analysis = front_module.analyse(front)
+    train, sampling = front["train"], front["sampling"]
+    seeds = ", ".join(str(s) for s in front["seeds"])
+    times = [s for s in front["training_seconds"].values() if s]
+    size_judge = front["size_judge_on_concept"]
+    lines = [FRONT_HEADING, "",
+             f"`{command} --until front`, {date}; {machine}.", "",
+             f"The concept `{front['concept']}` trained from its 4 photos (big, centre, sand or snow) by "
+             f"PerfusionTrainConcept with training seeds {seeds} (steps {train['steps']}, batch {train['batch_size']}, "
+             f"{train['gradient_accumulation']} micro-batch per step, other inputs at their defaults), three ways as in "
+             f"§4. Prompts ask for what the photos contradict: `{front['prompts'][0]}` and the other "
+             f"{len(front['prompts']) - 1} combinations of 4 unseen backgrounds and left/right "
+             f"({sampling['batch']} images each, {sampling['steps']} steps, {sampling['sampler']}/"
+             f"{sampling['scheduler']}, cfg {sampling['cfg']}, the same KSampler seeds for every setting). "
+             "**Fidelity**: the concept judge's mean probability; **detected**: p > 0.5; **alignment**: size, "
+             "background and position all as prompted (attribute judge); **joint**: detected and aligned.", "",
+             f"The attribute judge reads the size of the concept itself (never in its training data) through the "
+             f"decoder correctly in {size_judge['accuracy']['small']:.0%} of small and {size_judge['accuracy']['big']:.0%} "
+             f"of big renders ({size_judge['images']} renders). The base model with the plain word "
+             f"(`{front['prompts'][0].replace('embedding:' + front['concept'], 'circle')}` etc., "
+             f"{front['superclass']['images']} images): size as prompted {front['superclass']['size']:.0%}, "
+             f"alignment {front['superclass']['alignment']:.0%}, fidelity {front['superclass']['fidelity']:.3f}.", "",
+             "Each cell: mean over the seeds, and its 95% interval (t over seeds) in brackets.", "",
+             "| setting | seeds | images | fidelity | detected | size small | alignment | joint |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in analysis["table"]:
+        lines.append(f"| {s['label']} | {s['seeds']} | {s['images']} | {_interval(s['fidelity'], pct=False)} | "
+                     f"{_interval(s['detected'])} | {_interval(s['size'])} | {_interval(s['alignment'])} | "
+                     f"{_interval(s['detected_and_aligned'])} |")
+    lines += ["", "![front, concept asked for small](figures/front_small.png)", ""]
+    k, kt = analysis["knob"], analysis["knob_trained_keys"]
+    lines += ["**Does beta trace a front?** Between beta {:g} and {:g}, per seed:".format(*k["betas"]), "",
+              "| method | fidelity falls by | detected falls by | alignment rises by | Fisher p, detected | "
+              "Fisher p, alignment |", "|---|---|---|---|---|---|"]
+    for name, x in (("locked keys", k), ("trained keys", kt)):
+        lines.append(f"| {name} | {_interval(x['fidelity_fall'], pct=False)} | {_interval(x['detected_fall'])} | "
+                     f"{_interval(x['alignment_rise'])} | {x['detected_fisher_p']:.2g} | {x['alignment_fisher_p']:.2g} |")
+    vs_tk, vs_ti = analysis["vs_trained_keys"], analysis["vs_ti"]
+    near_tk, near_ti = analysis["nearest_trained_keys"], analysis["nearest_ti"]
+    lines += ["", "**Locked keys against trained keys and textual inversion at equal fidelity.** Per seed, "
+              "alignment of each method interpolated along its beta sweep at the fidelities both reach (for textual "
+              "inversion, at its one point), locked minus the other, averaged over those fidelities; then mean and "
+              "interval over seeds:", "",
+              f"- against trained keys: {_difference(vs_tk['alignment_difference'])}"
+              + (f"; seeds without overlap: {vs_tk['seeds_without_overlap']}" if vs_tk["seeds_without_overlap"] else ""),
+              f"- against textual inversion: {_difference(vs_ti['alignment_difference'])}"
+              + (f"; seeds without overlap: {vs_ti['seeds_without_overlap']}" if vs_ti["seeds_without_overlap"] else ""),
+              "", "Fisher's exact test on the images pooled over seeds, each baseline against the locked-keys setting "
+              "nearest to it in mean fidelity:", ""]
+    for near in (near_tk, near_ti):
+        lines.append(f"- {near['other']} against {near['locked']}: alignment p = {near['alignment_p']:.2g}, "
+                     f"joint p = {near['detected_and_aligned_p']:.2g}")
+    best = analysis["best_joint"]
+    lines += ["", "Best joint success (concept detected and the prompt followed) of each method: "
+              + "; ".join(f"{method.replace('_', ' ')} {_interval(next(s for s in analysis['table'] if s['label'] == label)['detected_and_aligned'])} ({label})"
+                          for method, label in best.items()) + ".", "",
+              f"Wall time: {front['seconds'] / 60:.1f} min, of which training "
+              f"{sum(times) / 60:.1f} min ({len(times)} concepts, {min(times) / 60:.1f}-{max(times) / 60:.1f} min each)"
+              if times else f"Wall time: {front['seconds'] / 60:.1f} min (concepts from the cache)", ""]
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ Stages, each cached in ~/.cache/comfyui-perfusion/toy_world/<stage>-<config hash
             -> composition.json, REPORT.md
   companions   the companion prompts sampled with each concept alone and the combined set (needs the judges)
             -> companions.json, REPORT.md
+  front     the fidelity/alignment front: the concept asked for small, three training seeds per method (needs
+            the judges) -> front.json, REPORT.md
   judges    small CNNs: attributes (background, position, shape, colour, size) and the held-out concepts
   results   the experiments through ComfyUI's executor and the pack's nodes -> results.json, figures, REPORT.md
 """
@@ -106,7 +108,8 @@ def stage_base(cfg=BASE_CONFIG):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded run used 2, on 2 idle cores)")
-    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "companions", "judges", "results"],
+    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "companions", "front", "judges",
+                                                "results"],
                         default="results", help="gates: the gate calibration (gates.py); composition: the per-token "
                                                 "coefficients of two concepts (composition.py); neither needs judges "
                                                 "or sampling")
@@ -150,6 +153,13 @@ def main():
         composition.run_companions(stage_base(), judge_path, HERE)
         write_composition_report()
         return
+    if args.until == "front":
+        import front
+        if not (args.report_only and (HERE / "front.json").is_file()):
+            front.run_front(stage_base(), judge_path, stage_vae(), HERE)
+            _record_machine(HERE / "front.json")
+        write_front_report()
+        return
     if not (args.report_only and (HERE / "results.json").is_file()):
         experiments.run_all(stage_base(), judge_path, HERE)
     experiments.add_gate_inputs(stage_base(), HERE)
@@ -176,6 +186,17 @@ def write_composition_report():
     body = report.composition_section(composition, COMMAND, composition.get("machine") or _machine(),
                                       datetime.date.today().isoformat(), companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
+
+
+def write_front_report():
+    """Section 8 of REPORT.md and its figure from front.json (report.front_section)."""
+    import datetime
+    import report
+    front = json.loads((HERE / "front.json").read_text())
+    report.front_plot({"sweeps": report.front_sweeps(front)}, HERE / "figures" / "front_small.png", "alignment",
+                      "alignment: small, background and position as prompted (share of images)")
+    body = report.front_section(front, COMMAND, front.get("machine") or _machine(), datetime.date.today().isoformat())
+    report.replace_section(HERE / "REPORT.md", report.FRONT_HEADING, body)
 
 
 def _record_machine(results_file: Path) -> None:
@@ -228,6 +249,8 @@ def write_report(judge_path):
         write_gates_report()
     if (HERE / "composition.json").is_file():
         write_composition_report()
+    if (HERE / "front.json").is_file():
+        write_front_report()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,268 @@
+"""The fidelity/alignment front, with three training seeds per method (issue 20, items 3 and 4; REPORT.md §8).
+
+The concept's four photos show it big, in the centre, on sand or snow. The prompts ask for it *small*, on
+other backgrounds, left or right: an attribute of the object itself that the photos contradict, so that
+alignment can fail where it costs fidelity. Size is the attribute for it in this world: the mosaic decoder keeps
+it (the attribute judge reads it) and, unlike colour, it does not contradict the concept's identity (a small
+lime-and-indigo circle is still the concept).
+
+Per image: fidelity = the concept judge's probability; alignment = the attribute judge reads size, background
+and position as prompted. Perfusion (locked keys) and trained keys are swept over beta (and Perfusion over tau
+at beta 0.7); textual inversion has no knob (one point); the plain superclass word gives the base model's own
+alignment. Every method is trained with three seeds; comparisons are made per seed and summarised over seeds.
+
+    nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py --until front
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+import cache
+import comfy_graphs
+import experiments
+import world
+
+log = logging.getLogger(__name__)
+
+CONCEPT = "tw_circle"  # the star is not told from a circle through the mosaic decoder (REPORT.md §3, §4)
+SEEDS = (0, 1, 2)
+# The toy world's recipe (experiments.TRAIN) with one micro-batch per step: the 2026-11-28 run's recipe, 4x
+# cheaper than the pack's default accumulation of 4 (which took 27 min per concept on one thread, §6).
+TRAIN = {**experiments.TRAIN, "gradient_accumulation": 1}
+METHODS = ("perfusion", "trained_keys", "ti")
+BETAS = (0.4, 0.55, 0.7, 0.85, 1.0)
+TAUS = (0.05, 0.3)  # Perfusion at beta 0.7, beside the sweep's tau
+TAU = 0.15
+SIZE_WORD = "small"  # the photos show the concept big
+
+
+def front_prompts(subject: str) -> dict[str, tuple[str, dict]]:
+    """tag -> (prompt, the attributes it asks for): the subject small, in every unseen context."""
+    return {f"{bg}|{pos}": (f"a {SIZE_WORD} {subject} on {bg}, on the {pos}",
+                            {"size": SIZE_WORD, "background": bg, "position": pos})
+            for bg in experiments.CONTEXT_BACKGROUNDS for pos in experiments.CONTEXT_POSITIONS}
+
+
+def settings(method: str) -> list[dict]:
+    """The inference settings evaluated for one method (label, strength, beta, tau)."""
+    if method == "ti":  # the word vector alone: strength 0 leaves the model untouched
+        return [{"label": "textual inversion", "strength": 0.0, "beta": 0.7, "tau": TAU}]
+    name = {"perfusion": "perfusion", "trained_keys": "trained keys"}[method]
+    out = [{"label": f"{name} beta {beta:g}", "strength": 1.0, "beta": beta, "tau": TAU} for beta in BETAS]
+    if method == "perfusion":
+        out += [{"label": f"perfusion beta 0.7 tau {tau:g}", "strength": 1.0, "beta": 0.7, "tau": tau} for tau in TAUS]
+    return out
+
+
+def concepts_folder(ckpt_path: Path) -> Path:
+    return cache.folder("front", {"ckpt": str(ckpt_path), "train": TRAIN, "methods": {m: experiments.METHODS[m]
+                                  for m in METHODS}, "concept": CONCEPT, "photo_seed": experiments.PHOTO_SEED,
+                                  "version": 1})
+
+
+def train(runner, ckpt_name: str, folder: Path, method: str, seed: int) -> tuple[str, float | None]:
+    """One concept through PerfusionTrainConcept -> PerfusionSaveConcept, once; (file name, seconds)."""
+    prefix = f"{method}/seed{seed}/{CONCEPT}"
+    name, seconds_file = f"{prefix}_00001.safetensors", folder / f"{method}_seed{seed}.seconds"
+    if not (folder / name).is_file():
+        t0 = time.time()
+        superclass = world.CONCEPTS[CONCEPT][0]
+        runner.run(comfy_graphs.train_graph(ckpt_name, CONCEPT, superclass, experiments.PHOTO_SEED, prefix,
+                                            {**TRAIN, "seed": seed, **experiments.METHODS[method]}))
+        seconds_file.write_text(str(time.time() - t0))
+        log.info("trained %s seed %d in %.0f s", method, seed, time.time() - t0)
+    return name, (float(seconds_file.read_text()) if seconds_file.is_file() else None)
+
+
+def judge(images, want: dict, judges) -> list[dict]:
+    attribute_judge, concept_judge = judges
+    predicted = attribute_judge.predict(images)
+    probability = concept_judge.probabilities(images)[CONCEPT]
+    return [{"p_concept": float(probability[k]),
+             **{f"{a}_ok": bool(predicted[k][a] == v) for a, v in want.items()}} for k in range(len(images))]
+
+
+def evaluate(runner, ckpt_name: str, judges, subject: str, applied: list[dict] | None) -> list[dict]:
+    """Sample every front prompt once (KSampler seeds as in experiments.SAMPLING) and judge each image."""
+    prompts = front_prompts(subject)
+    runner.run(comfy_graphs.sample_graph(ckpt_name, {t: p for t, (p, _) in prompts.items()}, experiments.SAMPLING,
+                                         applied))
+    return [row for tag, (_, want) in prompts.items() for row in judge(comfy_graphs.CAPTURED.pop(tag), want, judges)]
+
+
+def summary(rows: list[dict]) -> dict:
+    return {"fidelity": float(np.mean([r["p_concept"] for r in rows])),
+            "detected": float(np.mean([r["p_concept"] > 0.5 for r in rows])),
+            "alignment": float(np.mean([r["size_ok"] and r["background_ok"] and r["position_ok"] for r in rows])),
+            "size": float(np.mean([r["size_ok"] for r in rows])),
+            "background_and_position": float(np.mean([r["background_ok"] and r["position_ok"] for r in rows])),
+            "detected_and_aligned": float(np.mean([r["p_concept"] > 0.5 and r["size_ok"] and r["background_ok"]
+                                                   and r["position_ok"] for r in rows])),
+            "images": len(rows)}
+
+
+def size_judge_on_concept(vae_path: Path, attribute_judge, n: int = 240, seed: int = 31) -> dict:
+    """How well the attribute judge reads the size of the concept itself through the checkpoint's decoder (it is
+    trained on world objects and random looks, never on the concepts): renders of the concept, half small."""
+    import random
+    import base_model
+    import run
+    rng = random.Random(seed)
+    scenes = []
+    for k in range(n):
+        size, background = ("small", "big")[k % 2], rng.choice(list(world.BACKGROUNDS))
+        obj = world.concept_object(CONCEPT, rng, position_word=rng.choice(list(world.POSITIONS)), size_word=size)
+        scenes.append(world.Scene(background, (obj,), "", rng.uniform(-0.15, 0.15),
+                                  labels=world.labels_of(background, (obj,))))
+    images = base_model.reconstruct(run.load_vae(vae_path), np.stack([world.render(s) for s in scenes]))
+    predicted = attribute_judge.predict(images)
+    return {"images": n, "accuracy": {size: float(np.mean([p["size"] == size for p, s in zip(predicted, scenes)
+                                                           if s.labels["size"] == size])) for size in world.SIZES}}
+
+
+def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) -> dict:
+    """Train (cached) and evaluate every method and seed; front.json is rewritten after every seed."""
+    import judges as judges_module
+    folder = concepts_folder(ckpt_path)
+    experiments._setup(ckpt_path, folder)
+    runner = comfy_graphs.Runner()
+    judges = judges_module.load_judges(judge_path)
+    t0 = time.time()
+    results = {"concept": CONCEPT, "train": TRAIN, "sampling": experiments.SAMPLING, "seeds": list(SEEDS),
+               "prompts": [p for p, _ in front_prompts(f"embedding:{CONCEPT}").values()],
+               "size_judge_on_concept": size_judge_on_concept(vae_path, judges[0]),
+               "superclass": summary(evaluate(runner, ckpt_path.name, judges, world.CONCEPTS[CONCEPT][0], None)),
+               "training_seconds": {}, "rows": []}
+    log.info("front: size judge on the concept %s; superclass %s", results["size_judge_on_concept"],
+             results["superclass"])
+    for seed in SEEDS:
+        for method in METHODS:
+            file, seconds = train(runner, ckpt_path.name, folder, method, seed)
+            results["training_seconds"][f"{method}/seed{seed}"] = seconds
+            for setting in settings(method):
+                applied = [{"file": file, "strength": setting["strength"], "beta": setting["beta"],
+                            "tau": setting["tau"]}]
+                row = {"method": method, "seed": seed, **setting,
+                       **summary(evaluate(runner, ckpt_path.name, judges, f"embedding:{CONCEPT}", applied))}
+                results["rows"].append(row)
+                log.info("front: %s", row)
+        results["seconds"] = time.time() - t0
+        (out_dir / "front.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Analysis: every comparison per training seed, then mean and 95% interval over seeds (t, n - 1 degrees of
+# freedom), and Fisher's exact test on the images pooled over seeds (which treats images as independent).
+
+MEASURES = ("fidelity", "detected", "alignment", "size", "background_and_position", "detected_and_aligned")
+
+
+def mean_interval(values) -> dict:
+    """Mean and 95% t interval of per-seed values."""
+    from scipy import stats
+    values = np.asarray(values, dtype=float)
+    half = (stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+            if len(values) > 1 else float("nan"))
+    return {"mean": float(values.mean()), "low": float(values.mean() - half), "high": float(values.mean() + half),
+            "per_seed": [float(v) for v in values]}
+
+
+def fisher(rate_a: float, images_a: int, rate_b: float, images_b: int) -> float:
+    """Two-sided p of Fisher's exact test that two image counts (rate x images) share one rate."""
+    from scipy import stats
+    a, b = round(rate_a * images_a), round(rate_b * images_b)
+    return float(stats.fisher_exact([[a, images_a - a], [b, images_b - b]])[1])
+
+
+def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on a curve of (x, y) points, linear between the neighbours in x; None outside its range."""
+    curve = sorted(curve)
+    for (xa, ya), (xb, yb) in zip(curve, curve[1:]):
+        if xa <= x <= xb:
+            return ya if xb == xa else ya + (yb - ya) * (x - xa) / (xb - xa)
+    return None
+
+
+def _rows(results, method, seed=None, beta_sweep=False):
+    return [r for r in results["rows"] if r["method"] == method and (seed is None or r["seed"] == seed)
+            and (not beta_sweep or r["tau"] == TAU)]
+
+
+def settings_table(results: dict) -> list[dict]:
+    """Each setting: every measure as mean and interval over seeds, and the images pooled over seeds."""
+    out = []
+    for method in METHODS:
+        for setting in settings(method):
+            rows = [r for r in _rows(results, method) if r["label"] == setting["label"]]
+            if rows:
+                out.append({**setting, "method": method, "seeds": len(rows), "images": sum(r["images"] for r in rows),
+                            **{m: mean_interval([r[m] for r in rows]) for m in MEASURES}})
+    return out
+
+
+def knob(results: dict, method: str = "perfusion") -> dict:
+    """Does beta trace a front? Between the sweep's ends (lowest and highest beta): the fall of fidelity and the
+    rise of alignment, per seed (interval over seeds), and Fisher's test on the pooled images for both."""
+    seeds = sorted({r["seed"] for r in _rows(results, method)})
+    ends = {}
+    for seed in seeds:
+        sweep = sorted(_rows(results, method, seed, beta_sweep=True), key=lambda r: r["beta"])
+        ends[seed] = (sweep[0], sweep[-1])
+    low = [lo for lo, _ in ends.values()]
+    high = [hi for _, hi in ends.values()]
+    pooled = lambda rows, m: (float(np.mean([r[m] for r in rows])), sum(r["images"] for r in rows))  # noqa: E731
+    return {"method": method, "betas": [low[0]["beta"], high[0]["beta"]],
+            "fidelity_fall": mean_interval([lo["fidelity"] - hi["fidelity"] for lo, hi in zip(low, high)]),
+            "detected_fall": mean_interval([lo["detected"] - hi["detected"] for lo, hi in zip(low, high)]),
+            "alignment_rise": mean_interval([hi["alignment"] - lo["alignment"] for lo, hi in zip(low, high)]),
+            "detected_fisher_p": fisher(*pooled(low, "detected"), *pooled(high, "detected")),
+            "alignment_fisher_p": fisher(*pooled(low, "alignment"), *pooled(high, "alignment"))}
+
+
+def equal_fidelity(results: dict, other: str) -> dict:
+    """Locked keys against `other` (trained_keys: its beta sweep; ti: its one point) at equal fidelity, per seed:
+    the alignment of each interpolated along its beta sweep at fidelities both reach (5 levels across the
+    overlap; for a single point, at its fidelity), locked minus other, averaged over the levels. Seeds whose
+    fidelities do not overlap are left out and counted."""
+    differences, missing = [], []
+    for seed in sorted({r["seed"] for r in results["rows"]}):
+        locked = [(r["fidelity"], r["alignment"]) for r in _rows(results, "perfusion", seed, beta_sweep=True)]
+        theirs = [(r["fidelity"], r["alignment"]) for r in _rows(results, other, seed, beta_sweep=True)]
+        lo = max(min(x for x, _ in locked), min(x for x, _ in theirs))
+        hi = min(max(x for x, _ in locked), max(x for x, _ in theirs))
+        levels = [lo] if len(theirs) == 1 else np.linspace(lo, hi, 5) if lo < hi else []
+        pairs = [(interpolate(locked, x), interpolate(theirs, x) if len(theirs) > 1 else theirs[0][1]) for x in levels]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if pairs:
+            differences.append(float(np.mean([a - b for a, b in pairs])))
+        else:
+            missing.append(seed)
+    return {"other": other, "alignment_difference": mean_interval(differences) if differences else None,
+            "seeds_without_overlap": missing}
+
+
+def nearest_setting_test(table: list[dict], other_label: str) -> dict:
+    """The locked-keys setting nearest in mean fidelity to `other_label`, and Fisher's test of their alignment
+    and of their joint success (detected and aligned) on the images pooled over seeds."""
+    other = next(s for s in table if s["label"] == other_label)
+    locked = min((s for s in table if s["method"] == "perfusion"),
+                 key=lambda s: abs(s["fidelity"]["mean"] - other["fidelity"]["mean"]))
+    test = lambda m: fisher(locked[m]["mean"], locked["images"], other[m]["mean"], other["images"])  # noqa: E731
+    return {"locked": locked["label"], "other": other_label, "alignment_p": test("alignment"),
+            "detected_and_aligned_p": test("detected_and_aligned")}
+
+
+def analyse(results: dict) -> dict:
+    table = settings_table(results)
+    best = {method: max((s for s in table if s["method"] == method),
+                        key=lambda s: s["detected_and_aligned"]["mean"])["label"] for method in METHODS}
+    return {"table": table, "knob": knob(results), "knob_trained_keys": knob(results, "trained_keys"),
+            "vs_trained_keys": equal_fidelity(results, "trained_keys"), "vs_ti": equal_fidelity(results, "ti"),
+            "nearest_trained_keys": nearest_setting_test(table, "trained keys beta 0.7"),
+            "nearest_ti": nearest_setting_test(table, "textual inversion"), "best_joint": best}
