@@ -87,18 +87,20 @@ class _Photos:
         return x0, weight
 
 
-def _encode_prompts(concept_clip, plain_clip, templates, name, superclass):
+def _encode_prompts(concept_clip, plain_clip, templates, name, superclass, super_encoded: dict):
     """Contexts of the concept prompts (with grad to the word vectors) and the mean encodings, at the
-    concept's position, of the concept and of the superclass in the same templates."""
+    concept's position, of the concept and of the superclass in the same templates. The superclass's encoding
+    in a template never changes (its CLIP is frozen), so it is computed once and kept in `super_encoded`."""
     contexts, pooled, concept_encodings, super_encodings = [], [], [], []
     for template in templates:
         context, pool, positions = host.encode_with_grad(concept_clip, template.format(f"embedding:{name}"))
-        with torch.no_grad():
-            super_context = host.encode_with_grad(plain_clip, template.format(superclass))[0]
+        if template not in super_encoded:
+            with torch.no_grad():
+                super_encoded[template] = host.encode_with_grad(plain_clip, template.format(superclass))[0][0, positions[0]]
         contexts.append(context)
         pooled.append(pool)
         concept_encodings.append(context[0, positions[0]].detach())
-        super_encodings.append(super_context[0, positions[0]])
+        super_encodings.append(super_encoded[template])
     mean = lambda encodings: torch.stack(encodings).mean(0).double().cpu()  # noqa: E731
     return torch.cat(contexts), pooled, mean(concept_encodings), mean(super_encodings)
 
@@ -145,6 +147,7 @@ class _Training:
             self.embeddings = {encoder: torch.nn.Parameter(initial.embeddings[encoder].float().clone())
                                for encoder in token_ids}
         self.concept_clip = clip_with_word_vectors(train_clip, {name: self.embeddings})
+        self.super_encoded = {}  # template -> the superclass's encoding at the concept's position (_encode_prompts)
         with torch.no_grad():
             if initial is not None:
                 self.i_super, self.i_star = initial.i_super.double(), initial.i_star.double()
@@ -156,7 +159,8 @@ class _Training:
                 # i* and i_super start at the superclass's own encoding (the reference starts from it too), and so
                 # do the value targets (o*_V = W_v i_super) and, when learned, the key targets (where locking would
                 # keep them). The word vector starts as the superclass's, so the concept's prompts give its positions.
-                self.i_super = _encode_prompts(self.concept_clip, train_clip, TEMPLATES, name, superclass)[3]
+                self.i_super = _encode_prompts(self.concept_clip, train_clip, TEMPLATES, name, superclass,
+                                               self.super_encoded)[3]
                 self.i_star = self.i_super.clone()
                 self.values = {path: torch.nn.Parameter(self._project(attn.to_v, self.i_super))
                                for path, attn in self.layers.items()}
@@ -181,7 +185,7 @@ class _Training:
         x0, weight = self.photos.batch(settings.batch_size, settings.flip, self.generator)
         templates = [self.rng.choice(TEMPLATES) for _ in range(settings.batch_size)]
         context, pooled, concept_mean, super_mean = _encode_prompts(self.concept_clip, self.train_clip, templates,
-                                                                    self.name, self.superclass)
+                                                                    self.name, self.superclass, self.super_encoded)
         self.i_star = settings.ema * self.i_star + (1 - settings.ema) * concept_mean
         self.i_super = settings.ema * self.i_super + (1 - settings.ema) * super_mean
         tensors = None  # textual inversion: the word vector alone, no edit

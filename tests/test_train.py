@@ -144,6 +144,35 @@ def test_training_on_real_photos_lowers_the_loss_and_changes_only_the_concept(sm
     assert all(torch.equal(again.values[p], trained.values[p]) for p in trained.values)
 
 
+def test_the_superclass_is_encoded_once_per_template_and_the_concept_is_as_if_encoded_every_time(
+        small_corpus, tmp_path, monkeypatch):
+    """The superclass's encoding in a template never changes (its CLIP is frozen), so training keeps it: each
+    superclass prompt is encoded once, and the concept is bit for bit that of a training that encodes it anew
+    in every micro-batch."""
+    from perfusion_ops import host, train
+    from perfusion_ops.covariance import cached_covariance
+    model, clip, vae = tiny_model("sd1", std=0.2), tiny_clip("sd1"), tiny_vae()
+    images, _ = load_photos("teddy", 64)
+    latents = vae.encode(images)
+    C, fingerprint = cached_covariance(clip, tmp_path)
+    settings = train.TrainSettings(steps=6, seed=2, batch_size=2, gradient_accumulation=2)
+    encoded, encode, keep = [], host.encode_with_grad, train._encode_prompts
+    monkeypatch.setattr(host, "encode_with_grad", lambda c, prompt: (encoded.append(prompt), encode(c, prompt))[1])
+
+    def superclass_prompts_of_a_training():
+        encoded.clear()
+        concept, _ = train.train_concept(model, clip, latents, "hugsy", "teddy", C, fingerprint, settings)
+        return concept, [p for p in encoded if "embedding:" not in p]
+    kept, kept_prompts = superclass_prompts_of_a_training()
+    monkeypatch.setattr(train, "_encode_prompts", lambda *args: keep(*args[:-1], {}))  # nothing kept
+    anew, anew_prompts = superclass_prompts_of_a_training()
+    assert len(kept_prompts) == len(set(kept_prompts)) <= len(train.TEMPLATES) < len(anew_prompts)
+    assert set(kept_prompts) == set(anew_prompts)
+    assert torch.equal(kept.i_super, anew.i_super) and torch.equal(kept.i_star, anew.i_star)
+    assert torch.equal(kept.embeddings["clip_l"], anew.embeddings["clip_l"])
+    assert all(torch.equal(kept.values[p], anew.values[p]) for p in anew.values)
+
+
 def _word_encoding(clip, concept, template: str) -> torch.Tensor:
     """The concept word's context vector in `template`, at its own position, from the CLIP that knows it."""
     from perfusion_ops.text import clip_with_concepts
