@@ -75,6 +75,11 @@ def test_front_prompts_ask_for_what_the_photos_contradict():
             (want["size"], want["background"], want["position"])
         assert all(want["size"] != p["size"] and want["background"] != p["background"]
                    and want["position"] != p["position"] for p in photos)
+    contexts = front.front_prompts(f"embedding:{front.CONCEPT}", "contexts")
+    assert list(contexts) == list(prompts)
+    for (text, want), (small_text, small_want) in zip(contexts.values(), prompts.values()):
+        assert world.parse_caption(text)["objects"][0]["size"] is None and "size" not in want
+        assert text == small_text.replace(f"{front.SIZE_WORD} ", "") and small_want == {**want, "size": "small"}
 
 
 def _front_rows(locked, trained, ti_point, seeds=(0, 1, 2)):

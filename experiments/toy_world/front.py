@@ -39,12 +39,15 @@ BETAS = (0.4, 0.55, 0.7, 0.85, 1.0)
 TAUS = (0.05, 0.3)  # Perfusion at beta 0.7, beside the sweep's tau
 TAU = 0.15
 SIZE_WORD = "small"  # the photos show the concept big
+PROMPT_SETS = ("small", "contexts")
 
 
-def front_prompts(subject: str) -> dict[str, tuple[str, dict]]:
-    """tag -> (prompt, the attributes it asks for): the subject small, in every unseen context."""
-    return {f"{bg}|{pos}": (f"a {SIZE_WORD} {subject} on {bg}, on the {pos}",
-                            {"size": SIZE_WORD, "background": bg, "position": pos})
+def front_prompts(subject: str, prompt_set: str = "small") -> dict[str, tuple[str, dict]]:
+    """tag -> (prompt, the attributes it asks for), in every unseen context (other backgrounds, left or right).
+    "small": the subject asked for small, which its photos contradict; "contexts": no size asked (§4's prompts)."""
+    size = f"{SIZE_WORD} " if prompt_set == "small" else ""
+    return {f"{bg}|{pos}": (f"a {size}{subject} on {bg}, on the {pos}",
+                            {**({"size": SIZE_WORD} if size else {}), "background": bg, "position": pos})
             for bg in experiments.CONTEXT_BACKGROUNDS for pos in experiments.CONTEXT_POSITIONS}
 
 
@@ -80,6 +83,7 @@ def train(runner, ckpt_name: str, folder: Path, method: str, seed: int) -> tuple
 
 
 def judge(images, want: dict, judges) -> list[dict]:
+    """Per image: the concept judge's probability, and whether each asked-for attribute is read as asked."""
     attribute_judge, concept_judge = judges
     predicted = attribute_judge.predict(images)
     probability = concept_judge.probabilities(images)[CONCEPT]
@@ -87,23 +91,34 @@ def judge(images, want: dict, judges) -> list[dict]:
              **{f"{a}_ok": bool(predicted[k][a] == v) for a, v in want.items()}} for k in range(len(images))]
 
 
-def evaluate(runner, ckpt_name: str, judges, subject: str, applied: list[dict] | None) -> list[dict]:
-    """Sample every front prompt once (KSampler seeds as in experiments.SAMPLING) and judge each image."""
-    prompts = front_prompts(subject)
+def evaluate(runner, ckpt_name: str, judges, subject: str, applied: list[dict] | None, prompt_set: str,
+             folder: Path) -> list[dict]:
+    """Sample every prompt of the set once (KSampler seeds as in experiments.SAMPLING) and judge each image;
+    the judged rows are cached in `folder`, keyed by everything that makes them."""
+    prompts = front_prompts(subject, prompt_set)
+    cached = folder / "evaluations" / f"{cache.key([prompts, applied, experiments.SAMPLING])}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     runner.run(comfy_graphs.sample_graph(ckpt_name, {t: p for t, (p, _) in prompts.items()}, experiments.SAMPLING,
                                          applied))
-    return [row for tag, (_, want) in prompts.items() for row in judge(comfy_graphs.CAPTURED.pop(tag), want, judges)]
+    rows = [row for tag, (_, want) in prompts.items() for row in judge(comfy_graphs.CAPTURED.pop(tag), want, judges)]
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_text(json.dumps(rows))
+    return rows
 
 
 def summary(rows: list[dict]) -> dict:
-    return {"fidelity": float(np.mean([r["p_concept"] for r in rows])),
-            "detected": float(np.mean([r["p_concept"] > 0.5 for r in rows])),
-            "alignment": float(np.mean([r["size_ok"] and r["background_ok"] and r["position_ok"] for r in rows])),
-            "size": float(np.mean([r["size_ok"] for r in rows])),
-            "background_and_position": float(np.mean([r["background_ok"] and r["position_ok"] for r in rows])),
-            "detected_and_aligned": float(np.mean([r["p_concept"] > 0.5 and r["size_ok"] and r["background_ok"]
-                                                   and r["position_ok"] for r in rows])),
-            "images": len(rows)}
+    """Fidelity, detection and alignment (every asked-for attribute as asked) of judged images."""
+    aligned = [all(v for k, v in r.items() if k.endswith("_ok")) for r in rows]
+    out = {"fidelity": float(np.mean([r["p_concept"] for r in rows])),
+           "detected": float(np.mean([r["p_concept"] > 0.5 for r in rows])),
+           "alignment": float(np.mean(aligned)),
+           "background_and_position": float(np.mean([r["background_ok"] and r["position_ok"] for r in rows])),
+           "detected_and_aligned": float(np.mean([r["p_concept"] > 0.5 and a for r, a in zip(rows, aligned)])),
+           "images": len(rows)}
+    if "size_ok" in rows[0]:
+        out["size"] = float(np.mean([r["size_ok"] for r in rows]))
+    return out
 
 
 def size_judge_on_concept(vae_path: Path, attribute_judge, n: int = 240, seed: int = 31) -> dict:
@@ -126,17 +141,21 @@ def size_judge_on_concept(vae_path: Path, attribute_judge, n: int = 240, seed: i
 
 
 def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) -> dict:
-    """Train (cached) and evaluate every method and seed; front.json is rewritten after every seed."""
+    """Train (cached) and evaluate every method and seed on both prompt sets; front.json is rewritten after every
+    seed."""
     import judges as judges_module
     folder = concepts_folder(ckpt_path)
     experiments._setup(ckpt_path, folder)
     runner = comfy_graphs.Runner()
     judges = judges_module.load_judges(judge_path)
     t0 = time.time()
+    superclass = world.CONCEPTS[CONCEPT][0]
     results = {"concept": CONCEPT, "train": TRAIN, "sampling": experiments.SAMPLING, "seeds": list(SEEDS),
-               "prompts": [p for p, _ in front_prompts(f"embedding:{CONCEPT}").values()],
+               "prompts": {name: [p for p, _ in front_prompts(f"embedding:{CONCEPT}", name).values()]
+                           for name in PROMPT_SETS},
                "size_judge_on_concept": size_judge_on_concept(vae_path, judges[0]),
-               "superclass": summary(evaluate(runner, ckpt_path.name, judges, world.CONCEPTS[CONCEPT][0], None)),
+               "superclass": {name: summary(evaluate(runner, ckpt_path.name, judges, superclass, None, name, folder))
+                              for name in PROMPT_SETS},
                "training_seconds": {}, "rows": []}
     log.info("front: size judge on the concept %s; superclass %s", results["size_judge_on_concept"],
              results["superclass"])
@@ -147,10 +166,11 @@ def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) 
             for setting in settings(method):
                 applied = [{"file": file, "strength": setting["strength"], "beta": setting["beta"],
                             "tau": setting["tau"]}]
-                row = {"method": method, "seed": seed, **setting,
-                       **summary(evaluate(runner, ckpt_path.name, judges, f"embedding:{CONCEPT}", applied))}
-                results["rows"].append(row)
-                log.info("front: %s", row)
+                for prompt_set in PROMPT_SETS:
+                    rows = evaluate(runner, ckpt_path.name, judges, f"embedding:{CONCEPT}", applied, prompt_set, folder)
+                    results["rows"].append({"method": method, "seed": seed, "prompts": prompt_set, **setting,
+                                            **summary(rows)})
+                    log.info("front: %s", results["rows"][-1])
         results["seconds"] = time.time() - t0
         (out_dir / "front.json").write_text(json.dumps(results, indent=1))
     return results
@@ -202,7 +222,7 @@ def settings_table(results: dict) -> list[dict]:
             rows = [r for r in _rows(results, method) if r["label"] == setting["label"]]
             if rows:
                 out.append({**setting, "method": method, "seeds": len(rows), "images": sum(r["images"] for r in rows),
-                            **{m: mean_interval([r[m] for r in rows]) for m in MEASURES}})
+                            **{m: mean_interval([r[m] for r in rows]) for m in MEASURES if m in rows[0]}})
     return out
 
 
@@ -258,7 +278,9 @@ def nearest_setting_test(table: list[dict], other_label: str) -> dict:
             "detected_and_aligned_p": test("detected_and_aligned")}
 
 
-def analyse(results: dict) -> dict:
+def analyse(results: dict, prompt_set: str) -> dict:
+    """Every comparison of the report, on the rows of one prompt set."""
+    results = {"rows": [r for r in results["rows"] if r["prompts"] == prompt_set]}
     table = settings_table(results)
     best = {method: max((s for s in table if s["method"] == method),
                         key=lambda s: s["detected_and_aligned"]["mean"])["label"] for method in METHODS}

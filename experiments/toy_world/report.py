@@ -474,75 +474,100 @@ def _difference(x: dict | None) -> str:
                                            + ", ".join(f"{100 * v:+.0f}" for v in x["per_seed"]) + ")")
 
 
-def front_sweeps(front: dict) -> list[dict]:
+SET_TITLES = {"small": "the concept asked for small (its photos show it big)",
+              "contexts": "the concept in unseen contexts, no size asked (the prompts of §4)"}
+SET_ALIGNMENT = {"small": "size, background and position as prompted", "contexts": "background and position as prompted"}
+
+
+def front_sweeps(front: dict, prompt_set: str) -> list[dict]:
     """The settings averaged over seeds, in the form front_plot reads (and the superclass word's point)."""
     import front as front_module
-    table = front_module.settings_table(front)
+    table = front_module.analyse(front, prompt_set)["table"]
     return ([{"method": s["method"], "beta": s["beta"], "tau": s["tau"], "fidelity": s["fidelity"]["mean"],
               "alignment": s["alignment"]["mean"]} for s in table]
-            + [{"method": "superclass", "beta": 0.0, "tau": 0.0, **front["superclass"]}])
+            + [{"method": "superclass", "beta": 0.0, "tau": 0.0, **front["superclass"][prompt_set]}])
 
 
 def front_section(front: dict, command: str, machine: str, date: str) -> str:
-    """Issue 20 items 3 and 4 (front.py): the settings table, the knob, and locked keys against the baselines."""
-    import front as front_module
-    analysis = front_module.analyse(front)
+    """Issue 20 items 3 and 4 (front.py): per prompt set, the settings table, the knob, and locked keys against
+    the baselines at equal fidelity."""
     train, sampling = front["train"], front["sampling"]
     seeds = ", ".join(str(s) for s in front["seeds"])
     times = [s for s in front["training_seconds"].values() if s]
     size_judge = front["size_judge_on_concept"]
+    small = front["prompts"]["small"]
     lines = [FRONT_HEADING, "",
              f"`{command} --until front`, {date}; {machine}.", "",
              f"The concept `{front['concept']}` trained from its 4 photos (big, centre, sand or snow) by "
              f"PerfusionTrainConcept with training seeds {seeds} (steps {train['steps']}, batch {train['batch_size']}, "
              f"{train['gradient_accumulation']} micro-batch per step, other inputs at their defaults), three ways as in "
-             f"§4. Prompts ask for what the photos contradict: `{front['prompts'][0]}` and the other "
-             f"{len(front['prompts']) - 1} combinations of 4 unseen backgrounds and left/right "
-             f"({sampling['batch']} images each, {sampling['steps']} steps, {sampling['sampler']}/"
-             f"{sampling['scheduler']}, cfg {sampling['cfg']}, the same KSampler seeds for every setting). "
-             "**Fidelity**: the concept judge's mean probability; **detected**: p > 0.5; **alignment**: size, "
-             "background and position all as prompted (attribute judge); **joint**: detected and aligned.", "",
+             f"§4. Two prompt sets, each the 8 combinations of 4 unseen backgrounds and left/right "
+             f"({sampling['batch']} images per prompt, {sampling['steps']} steps, {sampling['sampler']}/"
+             f"{sampling['scheduler']}, cfg {sampling['cfg']}, the same KSampler seeds for every setting): "
+             f"`{small[0]}`, which asks for what the photos contradict, and `{front['prompts']['contexts'][0]}`. "
+             "**Fidelity**: the concept judge's mean probability; **detected**: p > 0.5; **alignment**: every "
+             "attribute the prompt asks for (size, background, position) read as asked by the attribute judge; "
+             "**joint**: detected and aligned.", "",
              f"The attribute judge reads the size of the concept itself (never in its training data) through the "
-             f"decoder correctly in {size_judge['accuracy']['small']:.0%} of small and {size_judge['accuracy']['big']:.0%} "
-             f"of big renders ({size_judge['images']} renders). The base model with the plain word "
-             f"(`{front['prompts'][0].replace('embedding:' + front['concept'], 'circle')}` etc., "
-             f"{front['superclass']['images']} images): size as prompted {front['superclass']['size']:.0%}, "
-             f"alignment {front['superclass']['alignment']:.0%}, fidelity {front['superclass']['fidelity']:.3f}.", "",
-             "Each cell: mean over the seeds, and its 95% interval (t over seeds) in brackets.", "",
-             "| setting | seeds | images | fidelity | detected | size small | alignment | joint |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"decoder correctly in {size_judge['accuracy']['small']:.0%} of small and "
+             f"{size_judge['accuracy']['big']:.0%} of big renders ({size_judge['images']} renders).", "",
+             "Each cell: mean over the seeds, and its 95% interval (t over seeds, cut to 0..1) in brackets. Fisher's "
+             "exact tests pool the images of all seeds, so they treat images as independent; the intervals over "
+             "seeds do not.", ""]
+    for prompt_set in front["prompts"]:
+        lines += _front_set_lines(front, prompt_set)
+    lines.append(f"Wall time: {front['seconds'] / 60:.1f} min, of which training {sum(times) / 60:.1f} min "
+                 f"({len(times)} concepts, {min(times) / 60:.1f}-{max(times) / 60:.1f} min each)." if times else
+                 f"Wall time: {front['seconds'] / 60:.1f} min (concepts from the cache).")
+    return "\n".join(lines) + "\n"
+
+
+def _front_set_lines(front: dict, prompt_set: str) -> list[str]:
+    import front as front_module
+    analysis = front_module.analyse(front, prompt_set)
+    base = front["superclass"][prompt_set]
+    size = "size" in analysis["table"][0]
+    lines = [f"### {SET_TITLES[prompt_set]}", "",
+             f"Alignment here: {SET_ALIGNMENT[prompt_set]}. The base model with the plain word `circle` in the same "
+             f"prompts ({base['images']} images): alignment {base['alignment']:.0%}"
+             + (f", size as prompted {base['size']:.0%}" if size else "") + f", fidelity {base['fidelity']:.3f}.", "",
+             "| setting | seeds | images | fidelity | detected |" + (" size small |" if size else "")
+             + " alignment | joint |", "|---|---|---|---|---|" + ("---|" if size else "") + "---|---|"]
     for s in analysis["table"]:
         lines.append(f"| {s['label']} | {s['seeds']} | {s['images']} | {_interval(s['fidelity'], pct=False)} | "
-                     f"{_interval(s['detected'])} | {_interval(s['size'])} | {_interval(s['alignment'])} | "
-                     f"{_interval(s['detected_and_aligned'])} |")
-    lines += ["", "![front, concept asked for small](figures/front_small.png)", ""]
+                     f"{_interval(s['detected'])} | " + (f"{_interval(s['size'])} | " if size else "")
+                     + f"{_interval(s['alignment'])} | {_interval(s['detected_and_aligned'])} |")
+    lines += ["", f"![front, {prompt_set}](figures/front_{prompt_set}.png)", ""]
     k, kt = analysis["knob"], analysis["knob_trained_keys"]
-    lines += ["**Does beta trace a front?** Between beta {:g} and {:g}, per seed:".format(*k["betas"]), "",
+    lines += ["Does beta trace a front? Between beta {:g} and {:g}, per seed:".format(*k["betas"]), "",
               "| method | fidelity falls by | detected falls by | alignment rises by | Fisher p, detected | "
               "Fisher p, alignment |", "|---|---|---|---|---|---|"]
     for name, x in (("locked keys", k), ("trained keys", kt)):
-        lines.append(f"| {name} | {_interval(x['fidelity_fall'], pct=False)} | {_interval(x['detected_fall'])} | "
-                     f"{_interval(x['alignment_rise'])} | {x['detected_fisher_p']:.2g} | {x['alignment_fisher_p']:.2g} |")
+        lines.append(f"| {name} | {_signed(x['fidelity_fall'], pct=False)} | {_signed(x['detected_fall'])} | "
+                     f"{_signed(x['alignment_rise'])} | {x['detected_fisher_p']:.2g} | {x['alignment_fisher_p']:.2g} |")
     vs_tk, vs_ti = analysis["vs_trained_keys"], analysis["vs_ti"]
-    near_tk, near_ti = analysis["nearest_trained_keys"], analysis["nearest_ti"]
-    lines += ["", "**Locked keys against trained keys and textual inversion at equal fidelity.** Per seed, "
+    lines += ["", "Locked keys against trained keys and textual inversion at equal fidelity: per seed, the "
               "alignment of each method interpolated along its beta sweep at the fidelities both reach (for textual "
-              "inversion, at its one point), locked minus the other, averaged over those fidelities; then mean and "
-              "interval over seeds:", "",
-              f"- against trained keys: {_difference(vs_tk['alignment_difference'])}"
-              + (f"; seeds without overlap: {vs_tk['seeds_without_overlap']}" if vs_tk["seeds_without_overlap"] else ""),
-              f"- against textual inversion: {_difference(vs_ti['alignment_difference'])}"
-              + (f"; seeds without overlap: {vs_ti['seeds_without_overlap']}" if vs_ti["seeds_without_overlap"] else ""),
-              "", "Fisher's exact test on the images pooled over seeds, each baseline against the locked-keys setting "
-              "nearest to it in mean fidelity:", ""]
-    for near in (near_tk, near_ti):
+              "inversion, at its one point), locked minus the other, averaged over those fidelities; mean and "
+              "interval over seeds:", ""]
+    for name, vs in (("trained keys", vs_tk), ("textual inversion", vs_ti)):
+        lines.append(f"- against {name}: {_difference(vs['alignment_difference'])}"
+                     + (f"; seeds whose fidelities do not overlap: {vs['seeds_without_overlap']}"
+                        if vs["seeds_without_overlap"] else ""))
+    lines += ["", "Fisher's exact test, each baseline against the locked-keys setting nearest to it in mean "
+              "fidelity (images pooled over seeds):", ""]
+    for near in (analysis["nearest_trained_keys"], analysis["nearest_ti"]):
         lines.append(f"- {near['other']} against {near['locked']}: alignment p = {near['alignment_p']:.2g}, "
                      f"joint p = {near['detected_and_aligned_p']:.2g}")
-    best = analysis["best_joint"]
+    best = [(method, next(s for s in analysis["table"] if s["label"] == label))
+            for method, label in analysis["best_joint"].items()]
     lines += ["", "Best joint success (concept detected and the prompt followed) of each method: "
-              + "; ".join(f"{method.replace('_', ' ')} {_interval(next(s for s in analysis['table'] if s['label'] == label)['detected_and_aligned'])} ({label})"
-                          for method, label in best.items()) + ".", "",
-              f"Wall time: {front['seconds'] / 60:.1f} min, of which training "
-              f"{sum(times) / 60:.1f} min ({len(times)} concepts, {min(times) / 60:.1f}-{max(times) / 60:.1f} min each)"
-              if times else f"Wall time: {front['seconds'] / 60:.1f} min (concepts from the cache)", ""]
-    return "\n".join(lines) + "\n"
+              + "; ".join(f"{method.replace('_', ' ')} {_interval(s['detected_and_aligned'])} ({s['label']})"
+                          for method, s in best) + ".", ""]
+    return lines
+
+
+def _signed(x: dict, pct: bool = True) -> str:
+    """A per-seed difference: mean [interval], not cut."""
+    f = (lambda v: f"{100 * v:+.0f} points") if pct else (lambda v: f"{v:+.2f}")
+    return f"{f(x['mean'])} [{f(x['low'])}, {f(x['high'])}]"

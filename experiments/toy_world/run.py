@@ -193,8 +193,9 @@ def write_front_report():
     import datetime
     import report
     front = json.loads((HERE / "front.json").read_text())
-    report.front_plot({"sweeps": report.front_sweeps(front)}, HERE / "figures" / "front_small.png", "alignment",
-                      "alignment: small, background and position as prompted (share of images)")
+    for prompt_set in front["prompts"]:
+        report.front_plot({"sweeps": report.front_sweeps(front, prompt_set)}, HERE / "figures" / f"front_{prompt_set}.png",
+                          "alignment", f"alignment: {report.SET_ALIGNMENT[prompt_set]} (share of images)")
     body = report.front_section(front, COMMAND, front.get("machine") or _machine(), datetime.date.today().isoformat())
     report.replace_section(HERE / "REPORT.md", report.FRONT_HEADING, body)
 
