@@ -131,3 +131,16 @@ def _fisher_two_sided(a, n_a, b, n_b):
     p = [comb(n_a, k) * comb(n_b, total - k) / comb(n, total) for k in range(max(0, total - n_b), min(n_a, total) + 1)]
     observed = comb(n_a, a) * comb(n_b, b) / comb(n, total)
     return sum(q for q in p if q <= observed * (1 + 1e-9))
+
+
+def test_diagnosis_reads_back_the_images_of_a_report_figure(tmp_path):
+    import diagnose
+    import report
+    rng = np.random.default_rng(0)
+    images = rng.random((12, world.SIZE, world.SIZE, 3)).astype(np.float32)
+    report.image_grid([(f"caption {k} " * 6, im) for k, im in enumerate(images)], 8, tmp_path / "grid.png",
+                      caption_lines=5)
+    tiles = diagnose.figure_tiles((tmp_path / "grid.png").read_bytes(), rows=2)
+    assert tiles.shape == (2, 8, world.SIZE, world.SIZE, 3)
+    read = tiles.reshape(-1, world.SIZE, world.SIZE, 3)[:12]
+    assert np.abs(read - images).max() <= 1 / 255 + 1e-6  # image_grid keeps 8 bits (truncated)

@@ -488,7 +488,7 @@ def front_sweeps(front: dict, prompt_set: str) -> list[dict]:
             + [{"method": "superclass", "beta": 0.0, "tau": 0.0, **front["superclass"][prompt_set]}])
 
 
-def front_section(front: dict, command: str, machine: str, date: str) -> str:
+def front_section(front: dict, command: str, machine: str, date: str, diagnosis: dict | None = None) -> str:
     """Issue 20 items 3 and 4 (front.py): per prompt set, the settings table, the knob, and locked keys against
     the baselines at equal fidelity."""
     train, sampling = front["train"], front["sampling"]
@@ -514,12 +514,85 @@ def front_section(front: dict, command: str, machine: str, date: str) -> str:
              "Each cell: mean over the seeds, and its 95% interval (t over seeds, cut to 0..1) in brackets. Fisher's "
              "exact tests pool the images of all seeds, so they treat images as independent; the intervals over "
              "seeds do not.", ""]
-    for prompt_set in front["prompts"]:
-        lines += _front_set_lines(front, prompt_set)
+    lines += _learnability_lines(front)
+    if diagnosis is not None:
+        lines += _diagnosis_lines(diagnosis, command)
+    if front.get("recipe") is not None:
+        for prompt_set in front["prompts"]:
+            lines += _front_set_lines(front, prompt_set)
     lines.append(f"Wall time: {front['seconds'] / 60:.1f} min, of which training {sum(times) / 60:.1f} min "
                  f"({len(times)} concepts, {min(times) / 60:.1f}-{max(times) / 60:.1f} min each)." if times else
                  f"Wall time: {front['seconds'] / 60:.1f} min (concepts from the cache).")
     return "\n".join(lines) + "\n"
+
+
+def _learnability_lines(front: dict) -> list[str]:
+    """Can the base render the concept? The recipes tried before the front (front.learnability)."""
+    import front as front_module
+    train = front["train"]
+    lines = ["### Can this base model render the concept?", "",
+             f"Perfusion, training seed 0, with the front's recipe ({train['steps']} steps, batch "
+             f"{train['batch_size']}, {train['gradient_accumulation']} micro-batch per step) and with changes to it; "
+             f"applied at beta 0.4 (tau {front_module.TAU:g}), where fidelity is highest, in the unseen contexts. The "
+             f"front is sampled with the first recipe whose fidelity reaches {front_module.MIN_FIDELITY:g}.", "",
+             "| recipe | training time | fidelity | detected | alignment (background and position) | images |",
+             "|---|---|---|---|---|---|"]
+    for row in front["learnability"]:
+        name = row["recipe"] or "the front's recipe"
+        changes = ", ".join(f"{k} {v:g}" for k, v in row["changes"].items())
+        seconds = f"{row['training_seconds'] / 60:.1f} min" if row["training_seconds"] else "cached elsewhere"
+        lines.append(f"| {name}{f' ({changes})' if changes and row['recipe'] else ''} | {seconds} | "
+                     f"{row['fidelity']:.3f} | {row['detected']:.0%} | {row['alignment']:.0%} | {row['images']} |")
+    if front.get("recipe") is None:
+        lines += ["", f"No recipe reaches fidelity {front_module.MIN_FIDELITY:g} on this base model, so the front "
+                  "was not sampled: with fidelity near 0 at every setting there is nothing to trade against "
+                  "alignment, and every method would look perfectly aligned."]
+    else:
+        lines += ["", f"The front below uses: {front['recipe'] or 'the front recipe'}."]
+    return lines + [""]
+
+
+def _diagnosis_lines(diagnosis: dict, command: str) -> list[str]:
+    """diagnose.py: today's judge on the 2026-11-28 images, and the 2026-11-28 pack on today's base."""
+    import diagnose
+    old = diagnosis["old_pack"]
+    lines = ["### Why: the judges, the pack or the base?", "",
+             f"`{command} --until diagnose` (diagnose.py). The concepts of 2026-11-28 were recognised (tw_circle: "
+             "fidelity 0.93 at beta 0.4, §4); those trained since, with the 1-thread base rebuilt from the same "
+             "config, are not. Between the runs the judges were retrained, the pack changed and the base was rebuilt. "
+             f"Today's concept judge on the images of that run's figure (`figures/contexts_tw_circle.png` as of commit "
+             f"{diagnose.RUN_2026_11_28}, the first image of each of the 8 context prompts):", "",
+             "| setting (2026-11-28) | fidelity recorded then (its judge, 24 images) | today's judge on the figure "
+             "(8 images) | detected today |", "|---|---|---|---|"]
+    for row in diagnosis["rejudge"]:
+        lines.append(f"| {row['setting']} | {row['recorded_fidelity']:.3f} | {row['today_fidelity']:.3f} | "
+                     f"{row['today_detected']:.0%} |")
+    recipe = ", ".join(f"{k} {v:g}" for k, v in old["recipe"].items() if k not in ("seed", "resolution"))
+    lines += ["", f"The pack of 2026-11-28 (commit {old['pack']}, in a git worktree, with its own nodes and toy-world "
+              f"harness) trained tw_circle on today's base `{diagnosis['base']}` with that run's recipe ({recipe}; "
+              f"{old['training_seconds'] / 60:.1f} min, {old['torch_threads']} torch threads) and sampled the same 8 "
+              "context prompts; today's judge: "
+              + "; ".join(f"beta {beta}: fidelity {x['fidelity']:.3f}, detected {x['detected']:.0%} of {x['images']}"
+                          for beta, x in old["by_beta"].items()) + ".", "",
+              "Reading: " + _diagnosis_reading(diagnosis), ""]
+    return lines
+
+
+def _diagnosis_reading(diagnosis: dict) -> str:
+    """What the two checks say, decided from their numbers (judges agree within 0.25 on every setting; the old pack
+    reaches at most front.MIN_FIDELITY)."""
+    import front as front_module
+    judges_agree = all(abs(r["today_fidelity"] - r["recorded_fidelity"]) < 0.25 for r in diagnosis["rejudge"])
+    old_fails = max(x["fidelity"] for x in diagnosis["old_pack"]["by_beta"].values()) < front_module.MIN_FIDELITY
+    if not (judges_agree and old_fails):
+        return (f"the judges {'agree' if judges_agree else 'disagree'} and the old pack "
+                f"{'fails' if old_fails else 'succeeds'} on today's base; the cause is not isolated by these checks.")
+    return ("today's judge reads the 2026-11-28 images as that run's judge did (within 0.25 on every setting), so the "
+            "judges did not change the verdict; the 2026-11-28 pack fails on today's base as today's pack does, so "
+            "the pack did not either. What changed is the base model, rebuilt from the same config with another "
+            "torch thread count. Whether a base renders a held-out look after a short training is a property of "
+            "the particular base, not of its config: a base must pass the check above before a fidelity claim rests "
+            "on it, and the base config now records the thread count (run.py BASE_CONFIG).")
 
 
 def _front_set_lines(front: dict, prompt_set: str) -> list[str]:
