@@ -355,6 +355,16 @@ def gates_section(gates: dict, command: str, machine: str, date: str) -> str:
     return "\n".join(lines)
 
 
+def replace_narrative(path: Path, narrative: str) -> None:
+    """Put the hand-written narrative (narrative.md) in place of the one in the report: everything between the
+    header's stage table and section 1, as write_report places it."""
+    text = path.read_text()
+    start, end = text.find("\n## "), text.find("\n## 1. The world")
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no narrative before '## 1. The world'")
+    path.write_text(text[:start + 1] + narrative.rstrip("\n") + "\n" + text[end:])
+
+
 def replace_section(path: Path, heading: str, body: str) -> None:
     """Put `body` (which starts with `heading`) in place of that section of the Markdown file, or at its end."""
     text = path.read_text()
@@ -434,7 +444,7 @@ def composition_section(composition: dict, command: str, machine: str, date: str
         lines.append("")
     lines += ["Reading, from the tables: " + "; ".join(_composition_reading(composition)) + ".", ""]
     if companions is not None:
-        lines += companions_lines(companions, command.split(" --")[0])
+        lines += companions_lines(companions, command)
     lines.append(f"Wall time: {composition['seconds'] / 60:.1f} min (the concepts come from the cache of §6).")
     return "\n".join(lines) + "\n"
 
@@ -498,7 +508,8 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
     small = front["prompts"]["small"]
     lines = [FRONT_HEADING, "",
              f"`{command} --until front`, {date}; {machine}.", "",
-             f"The concept `{front['concept']}` trained from its 4 photos (big, centre, sand or snow) by "
+             "Training times are wall times on the shared 2-core machine (other jobs ran beside some of them).", "",
+             f"The experiment (front.py): the concept `{front['concept']}` trained from its 4 photos (big, centre, sand or snow) by "
              f"PerfusionTrainConcept with training seeds {seeds} (steps {train['steps']}, batch {train['batch_size']}, "
              f"{train['gradient_accumulation']} micro-batch per step, other inputs at their defaults), three ways as in "
              f"§4. Two prompt sets, each the 8 combinations of 4 unseen backgrounds and left/right "

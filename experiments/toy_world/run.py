@@ -48,6 +48,8 @@ UNSET_THREADS_BASE = {"version": VERSION, "vae": VAE_CONFIG, "images": 24000, "d
                       "clip_seed": 3, "unet_seed": 4, "steps": 3600, "batch": 64, "lr": 3e-4, "uncond_rate": 0.1,
                       "ema": 0.999}
 BASE_CONFIG = {**UNSET_THREADS_BASE, "torch_threads": 2}
+BASES = {"default": BASE_CONFIG, "unset-threads": UNSET_THREADS_BASE}  # --base
+base_config = BASE_CONFIG  # the base every stage uses (main sets it from --base)
 
 
 def stage_vae(cfg=VAE_CONFIG):
@@ -76,8 +78,9 @@ def load_vae(path):
     return vae.eval()
 
 
-def stage_base(cfg=BASE_CONFIG):
+def stage_base(cfg=None):
     import torch
+    cfg = cfg or base_config
     import base_model
     import world
     folder = cache.folder("base", cfg)
@@ -124,10 +127,15 @@ def main():
                         default="results", help="gates: the gate calibration (gates.py); composition: the per-token "
                                                 "coefficients of two concepts (composition.py); neither needs judges "
                                                 "or sampling")
-    parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from the recorded results "
-                                                                   "(results.json, front.json, diagnose.json)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md (or the --until stage's "
+                                                                   "section) from the recorded results json")
     parser.add_argument("--only", choices=["judges"], help="run just this stage (its inputs must be cached or cheap)")
+    parser.add_argument("--base", choices=list(BASES), default="default",
+                        help="unset-threads: the base built on 2026-12-03 with 1 torch thread from a config that did "
+                             "not record threads (UNSET_THREADS_BASE), on which §6-§8 ran")
     args = parser.parse_args()
+    global base_config
+    base_config = BASES[args.base]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
     torch.set_num_threads(args.threads)
@@ -140,20 +148,21 @@ def main():
     stage_vae()
     if args.until == "vae":
         return
-    if not args.report_only:
+    if args.until == "base":  # every later stage asks for the base it uses
         stage_base()
-    if args.until == "base":
         return
     if args.until == "gates":
         import gates
-        gates.run_gates(stage_base(), HERE)
-        _record_machine(HERE / "gates.json")
+        if not args.report_only:
+            gates.run_gates(stage_base(), HERE)
+            _record_machine(HERE / "gates.json")
         write_gates_report()
         return
     if args.until == "composition":
         import composition
-        composition.run_composition(stage_base(), HERE)
-        _record_machine(HERE / "composition.json")
+        if not args.report_only:
+            composition.run_composition(stage_base(), HERE)
+            _record_machine(HERE / "composition.json")
         write_composition_report()
         return
     import judges
@@ -163,13 +172,15 @@ def main():
         return
     if args.until == "companions":
         import composition
-        composition.run_companions(stage_base(), judge_path, HERE)
+        if not args.report_only:
+            composition.run_companions(stage_base(), judge_path, HERE)
+            _record_machine(HERE / "companions.json")
         write_composition_report()
         return
     if args.until == "diagnose":
         import diagnose
         if not (args.report_only and (HERE / "diagnose.json").is_file()):
-            diagnose.run_diagnose(HERE.parents[1], stage_base(UNSET_THREADS_BASE), judge_path, HERE)
+            diagnose.run_diagnose(HERE.parents[1], stage_base(), judge_path, HERE)
         write_front_report()
         return
     if args.until == "front":
@@ -181,7 +192,7 @@ def main():
         return
     if not (args.report_only and (HERE / "results.json").is_file()):
         experiments.run_all(stage_base(), judge_path, HERE)
-    experiments.add_gate_inputs(stage_base(), HERE)
+        experiments.add_gate_inputs(stage_base(), HERE)
     write_report(judge_path)
     log.info("all done in %.0f s", time.time() - start)
 
@@ -191,7 +202,8 @@ def write_gates_report():
     import datetime
     import report
     gates = json.loads((HERE / "gates.json").read_text())
-    body = report.gates_section(gates, COMMAND, gates.get("machine") or _machine(), datetime.date.today().isoformat())
+    body = report.gates_section(gates, _command_for(gates["base"]), gates.get("machine") or _machine(),
+                                datetime.date.today().isoformat())
     report.replace_section(HERE / "REPORT.md", report.GATES_HEADING, body)
 
 
@@ -202,7 +214,7 @@ def write_composition_report():
     composition = json.loads((HERE / "composition.json").read_text())
     companions_file = HERE / "companions.json"
     companions = json.loads(companions_file.read_text()) if companions_file.is_file() else None
-    body = report.composition_section(composition, COMMAND, composition.get("machine") or _machine(),
+    body = report.composition_section(composition, _command_for(composition["base"]), composition.get("machine") or _machine(),
                                       datetime.date.today().isoformat(), companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
 
@@ -216,16 +228,24 @@ def write_front_report():
     for prompt_set in (front["prompts"] if front.get("recipe") is not None else []):  # sampled only if learnable
         report.front_plot({"sweeps": report.front_sweeps(front, prompt_set)}, HERE / "figures" / f"front_{prompt_set}.png",
                           "alignment", f"alignment: {report.SET_ALIGNMENT[prompt_set]} (share of images)")
-    body = report.front_section(front, COMMAND, front.get("machine") or _machine(), datetime.date.today().isoformat(),
-                                diagnosis)
+    body = report.front_section(front, _command_for(front["base"]), front.get("machine") or _machine(),
+                                datetime.date.today().isoformat(), diagnosis)
     report.replace_section(HERE / "REPORT.md", report.FRONT_HEADING, body)
+    report.replace_narrative(HERE / "REPORT.md", (HERE / "narrative.md").read_text())
+
+
+def _command_for(base_folder: str) -> str:
+    """COMMAND with the --base option that selects the base in `base_folder` (a cache folder name)."""
+    name = next((n for n, cfg in BASES.items() if f"base-{cache.key(cfg)}" == base_folder), "default")
+    return COMMAND + ("" if name == "default" else f" --base {name}")
 
 
 def _record_machine(results_file: Path) -> None:
-    """Add the machine the stage just ran on (its torch threads included) to its results, for reports written
-    later by another process."""
+    """Add the machine the stage just ran on (its torch threads included) and its base model to its results,
+    for reports written later by another process."""
     results = json.loads(results_file.read_text())
     results["machine"] = _machine()
+    results["base"] = f"base-{cache.key(base_config)}"
     results_file.write_text(json.dumps(results, indent=1))
 
 
@@ -246,7 +266,7 @@ def _stage_seconds(stage, cfg, key="seconds"):
 def write_report(judge_path):
     import report
     results = json.loads((HERE / "results.json").read_text())
-    base_stats = json.loads((cache.root() / f"base-{cache.key(BASE_CONFIG)}" / "stats.json").read_text())
+    base_stats = json.loads((cache.root() / f"base-{cache.key(base_config)}" / "stats.json").read_text())
     report.loss_plot(base_stats["losses"], HERE / "figures" / "base_loss.png", "base UNet training loss (eps MSE)")
     report.world_figures(HERE / "figures")
     report.front_plot(results, HERE / "figures" / "front.png", "background",
