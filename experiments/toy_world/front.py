@@ -10,8 +10,10 @@ Per image: fidelity = the concept judge's probability; alignment = the attribute
 and position as prompted. Perfusion (locked keys) and trained keys are swept over beta (and Perfusion over tau
 at beta 0.7); textual inversion has no knob (one point); the plain superclass word gives the base model's own
 alignment. Every method is trained with three seeds; comparisons are made per seed and summarised over seeds.
+First, the stage checks that the base model can render the concept at all (learnability); it samples the front
+only if it can.
 
-    nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py --until front
+    nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py --until front [--base ...]
 """
 from __future__ import annotations
 
