@@ -144,3 +144,13 @@ def test_diagnosis_reads_back_the_images_of_a_report_figure(tmp_path):
     assert tiles.shape == (2, 8, world.SIZE, world.SIZE, 3)
     read = tiles.reshape(-1, world.SIZE, world.SIZE, 3)[:12]
     assert np.abs(read - images).max() <= 1 / 255 + 1e-6  # image_grid keeps 8 bits (truncated)
+
+
+def test_object_masks_cover_exactly_what_render_paints_over_the_background():
+    from dataclasses import replace
+    for scene in world.concept_training_scenes("tw_circle", seed=7):
+        mask, image = world.object_mask(scene), world.render(scene)
+        background = world.render(replace(scene, objects=()))
+        painted = np.abs(image - background).max(axis=-1) > 1e-6
+        assert mask.shape == (world.SIZE, world.SIZE) and 0.0 <= mask.min() and mask.max() == 1.0
+        assert np.array_equal(painted, mask > 0)

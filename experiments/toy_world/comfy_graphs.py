@@ -15,21 +15,23 @@ _ids = itertools.count()
 
 
 class ToyWorldConceptPhotos:
-    """The few training photos of a held-out concept, rendered by the world generator (IMAGE [N, SIZE, SIZE, 3])."""
+    """The few training photos of a held-out concept, rendered by the world generator (IMAGE [N, SIZE, SIZE, 3]),
+    and the concept's exact masks (MASK [N, SIZE, SIZE])."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"concept": ("STRING", {"default": "tw_star"}), "seed": ("INT", {"default": 0}),
                              "count": ("INT", {"default": 4, "min": 1, "max": 64})}}
 
-    RETURN_TYPES = ("IMAGE",)
+    RETURN_TYPES = ("IMAGE", "MASK")
     FUNCTION = "photos"
     CATEGORY = "toy_world"
 
     def photos(self, concept, seed, count):
         import world
         scenes = world.concept_training_scenes(concept, seed, count)
-        return (torch.from_numpy(np.stack([world.render(s) for s in scenes])),)
+        return (torch.from_numpy(np.stack([world.render(s) for s in scenes])),
+                torch.from_numpy(np.stack([world.object_mask(s) for s in scenes])))
 
 
 class ToyWorldCapture:
@@ -89,13 +91,16 @@ class Runner:
 
 
 def train_graph(ckpt: str, concept: str, superclass: str, photo_seed: int, filename_prefix: str, settings: dict) -> dict:
-    """CheckpointLoaderSimple -> PerfusionTrainConcept (on the world's photos) -> PerfusionSaveConcept."""
+    """CheckpointLoaderSimple -> PerfusionTrainConcept (on the world's photos; with their masks if settings has
+    "masks": True) -> PerfusionSaveConcept."""
+    settings = dict(settings)
+    masks = {"masks": ["photos", 1]} if settings.pop("masks", False) else {}
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "photos": {"class_type": "ToyWorldConceptPhotos", "inputs": {"concept": concept, "seed": photo_seed, "count": 4}},
         "train": {"class_type": "PerfusionTrainConcept", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["photos", 0],
-            "name": concept, "superclass": superclass, **settings}},
+            "name": concept, "superclass": superclass, **masks, **settings}},
         "save": {"class_type": "PerfusionSaveConcept", "inputs": {"concept": ["train", 0],
                                                                   "filename_prefix": filename_prefix}},
     }

@@ -149,6 +149,17 @@ def render(scene: Scene) -> np.ndarray:
     return image.astype(np.float32)
 
 
+def object_mask(scene: Scene) -> np.ndarray:
+    """The share of each pixel the scene's objects cover, float32 [SIZE, SIZE] in [0, 1] (render's geometry)."""
+    n = SIZE * SUPERSAMPLE
+    coords = (np.arange(n, dtype=np.float32) + 0.5) * (CANVAS / n)
+    px, py = np.meshgrid(coords, coords)
+    covered = np.zeros((n, n), dtype=bool)
+    for obj in scene.objects:
+        covered |= _shape_mask(obj.shape, px - obj.x, py - obj.y, obj.radius)
+    return covered.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampling scenes and captions
 
