@@ -551,7 +551,7 @@ def _learnability_lines(front: dict) -> list[str]:
     for row in front["learnability"]:
         name = row["recipe"] or "the front's recipe"
         changes = ", ".join(k if v is True else f"{k} {v:g}" for k, v in row["changes"].items())
-        seconds = f"{row['training_seconds'] / 60:.1f} min" if row["training_seconds"] else "cached elsewhere"
+        seconds = f"{row['training_seconds'] / 60:.1f} min" if row["training_seconds"] else "see §6"
         lines.append(f"| {name}{f' ({changes})' if changes and row['recipe'] else ''} | {seconds} | "
                      f"{row['fidelity']:.3f} | {row['detected']:.0%} | {row['alignment']:.0%} | {row['images']} |")
     if front.get("recipe") is None:
