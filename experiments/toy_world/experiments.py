@@ -59,7 +59,6 @@ def prefill_covariance(pack, ckpt_name: str) -> dict:
     exact context shortcut (base_model.ContextEncoder) instead of 4000 runs of the 12-layer CLIP; checked
     against the pack's own estimator on the first 32 captions."""
     import safetensors.torch
-    import torch
     import nodes
     import base_model
     cov = sys.modules[pack.__name__ + ".perfusion_ops.covariance"]

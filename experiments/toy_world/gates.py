@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import cache
 import comfy_graphs
 import world
 

@@ -42,8 +42,9 @@ COMMAND = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy
 VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
 # The base UNet's weights depend on the torch thread count it trains with (the order of float sums), and so
 # does what it can learn: the 2026-11-28 base (2 threads) rendered the held-out circle recognisably after 250
-# steps, the base rebuilt on 2026-12-03 with 1 thread from the same config did not (REPORT.md §8). The count is
-# part of the base's identity; UNSET_THREADS_BASE is the config of that 1-thread base, kept for §6-§8.
+# steps, the base rebuilt on 2026-12-03 with 1 thread from the same config did not (REPORT.md §8), nor did one
+# rebuilt with 2 threads (narrative). The count is part of the base's identity; UNSET_THREADS_BASE is the config
+# of the 1-thread base, kept for §6-§8.
 UNSET_THREADS_BASE = {"version": VERSION, "vae": VAE_CONFIG, "images": 24000, "data_seed": 2, "two_objects": 0.2,
                       "clip_seed": 3, "unet_seed": 4, "steps": 3600, "batch": 64, "lr": 3e-4, "uncond_rate": 0.1,
                       "ema": 0.999}
