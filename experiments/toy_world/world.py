@@ -132,11 +132,21 @@ def _paint(look: Look, dx, dy, r):
     return base
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The scene as float32 RGB in [0, 1], [SIZE, SIZE, 3]."""
+def _subsample_grid() -> tuple[np.ndarray, np.ndarray]:
+    """Canvas coordinates (x, y) of every subsample: SUPERSAMPLE x SUPERSAMPLE per pixel."""
     n = SIZE * SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) * (CANVAS / n)
-    px, py = np.meshgrid(coords, coords)
+    return np.meshgrid(coords, coords)
+
+
+def _pixel_mean(subsamples: np.ndarray) -> np.ndarray:
+    """Subsamples [SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE, ...] averaged into pixels [SIZE, SIZE, ...]."""
+    return subsamples.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, *subsamples.shape[2:]).mean(axis=(1, 3))
+
+
+def render(scene: Scene) -> np.ndarray:
+    """The scene as float32 RGB in [0, 1], [SIZE, SIZE, 3]."""
+    px, py = _subsample_grid()
     bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     shade = 1.0 + scene.gradient * (py / CANVAS - 0.5)
     image = np.clip(bg[None, None] * shade[..., None], 0, 1)
@@ -145,19 +155,16 @@ def render(scene: Scene) -> np.ndarray:
         mask = _shape_mask(obj.shape, dx, dy, obj.radius)
         surface = _paint(obj.look, dx, dy, obj.radius)
         image = np.where(mask[..., None], surface, image)
-    image = image.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return image.astype(np.float32)
+    return _pixel_mean(image).astype(np.float32)
 
 
 def object_mask(scene: Scene) -> np.ndarray:
     """The share of each pixel the scene's objects cover, float32 [SIZE, SIZE] in [0, 1] (render's geometry)."""
-    n = SIZE * SUPERSAMPLE
-    coords = (np.arange(n, dtype=np.float32) + 0.5) * (CANVAS / n)
-    px, py = np.meshgrid(coords, coords)
-    covered = np.zeros((n, n), dtype=bool)
+    px, py = _subsample_grid()
+    covered = np.zeros(px.shape, dtype=bool)
     for obj in scene.objects:
         covered |= _shape_mask(obj.shape, px - obj.x, py - obj.y, obj.radius)
-    return covered.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3)).astype(np.float32)
+    return _pixel_mean(covered).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
