@@ -125,7 +125,7 @@ def _old_pack_child():
 def run_diagnose(repo: Path, ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
     import judges as judges_module
     t0 = time.time()
-    results = {"base": ckpt_path.parent.name, "rejudge": rejudge(repo, judges_module.load_judges(judge_path)),
+    results = {"rejudge": rejudge(repo, judges_module.load_judges(judge_path)),
                "old_pack": old_pack(repo, ckpt_path, judge_path)}
     results["seconds"] = time.time() - t0
     (out_dir / "diagnose.json").write_text(json.dumps(results, indent=1))

@@ -186,8 +186,7 @@ def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) 
     judges = judges_module.load_judges(judge_path)
     t0 = time.time()
     superclass = world.CONCEPTS[CONCEPT][0]
-    results = {"concept": CONCEPT, "base": ckpt_path.parent.name, "train": TRAIN, "sampling": experiments.SAMPLING,
-               "seeds": list(SEEDS),
+    results = {"concept": CONCEPT, "train": TRAIN, "sampling": experiments.SAMPLING, "seeds": list(SEEDS),
                "prompts": {name: [p for p, _ in front_prompts(f"embedding:{CONCEPT}", name).values()]
                            for name in PROMPT_SETS},
                "size_judge_on_concept": size_judge_on_concept(vae_path, judges[0]),

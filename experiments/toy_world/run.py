@@ -154,48 +154,41 @@ def main():
         return
     if args.until == "gates":
         import gates
-        if not args.report_only:
-            gates.run_gates(stage_base(), HERE)
-            _record_machine(HERE / "gates.json")
-        write_gates_report()
-        return
+        return _stage(args.report_only, "gates.json", lambda: gates.run_gates(stage_base(), HERE), write_gates_report)
+    import composition
     if args.until == "composition":
-        import composition
-        if not args.report_only:
-            composition.run_composition(stage_base(), HERE)
-            _record_machine(HERE / "composition.json")
-        write_composition_report()
-        return
+        return _stage(args.report_only, "composition.json", lambda: composition.run_composition(stage_base(), HERE),
+                      write_composition_report)
     import judges
     import experiments
     judge_path = judges.stage_judges(stage_vae())
     if args.until == "judges":
         return
     if args.until == "companions":
-        import composition
-        if not args.report_only:
-            composition.run_companions(stage_base(), judge_path, HERE)
-            _record_machine(HERE / "companions.json")
-        write_composition_report()
-        return
+        return _stage(args.report_only, "companions.json",
+                      lambda: composition.run_companions(stage_base(), judge_path, HERE), write_composition_report)
     if args.until == "diagnose":
         import diagnose
-        if not (args.report_only and (HERE / "diagnose.json").is_file()):
-            diagnose.run_diagnose(HERE.parents[1], stage_base(), judge_path, HERE)
-        write_front_report()
-        return
+        return _stage(args.report_only, "diagnose.json",
+                      lambda: diagnose.run_diagnose(HERE.parents[1], stage_base(), judge_path, HERE), write_front_report)
     if args.until == "front":
         import front
-        if not (args.report_only and (HERE / "front.json").is_file()):
-            front.run_front(stage_base(), judge_path, stage_vae(), HERE)
-            _record_machine(HERE / "front.json")
-        write_front_report()
-        return
+        return _stage(args.report_only, "front.json", lambda: front.run_front(stage_base(), judge_path, stage_vae(), HERE),
+                      write_front_report)
     if not (args.report_only and (HERE / "results.json").is_file()):
         experiments.run_all(stage_base(), judge_path, HERE)
         experiments.add_gate_inputs(stage_base(), HERE)
     write_report(judge_path)
     log.info("all done in %.0f s", time.time() - start)
+
+
+def _stage(report_only: bool, results_name: str, run, write) -> None:
+    """Run a stage (unless --report-only finds its results), stamp its results with the machine and the base it
+    ran on (_record_machine), and write its section of REPORT.md."""
+    if not (report_only and (HERE / results_name).is_file()):
+        run()
+        _record_machine(HERE / results_name)
+    write()
 
 
 def write_gates_report():
