@@ -91,7 +91,7 @@ def train(runner, ckpt_name: str, folder: Path, method: str, seed: int, recipe: 
     return name, (float(seconds_file.read_text()) if seconds_file.is_file() else None)
 
 
-def learnability(runner, ckpt_path: Path, judges, folder: Path) -> list[dict]:
+def learnability(runner, ckpt_path: Path, judges, folder: Path, judged: Path) -> list[dict]:
     """Can this base model render the concept at all? Perfusion (seed 0) trained with the front's recipe and then,
     until one reaches MIN_FIDELITY, with LEARNABILITY's variants; each applied at beta 0.4, where fidelity is
     highest, in the unseen contexts. The concept of §6 (the pack's default of 4 micro-batches per step) is read
@@ -105,7 +105,7 @@ def learnability(runner, ckpt_path: Path, judges, folder: Path) -> list[dict]:
     def measured(recipe, file, seconds, changes):
         applied = [{"file": file, "strength": 1.0, "beta": 0.4, "tau": TAU}]
         row = {"recipe": recipe, "changes": changes, "training_seconds": seconds,
-               **summary(evaluate(runner, ckpt_path.name, judges, f"embedding:{CONCEPT}", applied, "contexts", folder))}
+               **summary(evaluate(runner, ckpt_path.name, judges, f"embedding:{CONCEPT}", applied, "contexts", judged))}
         log.info("learnability: %s", row)
         return row
     rows = [measured("pack default: 4 micro-batches per step (the concept of §6)",
@@ -128,17 +128,18 @@ def judge(images, want: dict, judges) -> list[dict]:
 
 
 def evaluate(runner, ckpt_name: str, judges, subject: str, applied: list[dict] | None, prompt_set: str,
-             folder: Path) -> list[dict]:
+             judged: Path) -> list[dict]:
     """Sample every prompt of the set once (KSampler seeds as in experiments.SAMPLING) and judge each image;
-    the judged rows are cached in `folder`, keyed by everything that makes them."""
+    the judged rows are cached in `judged` (a folder per base model and judges), keyed by the rest that makes
+    them."""
     prompts = front_prompts(subject, prompt_set)
-    cached = folder / "evaluations" / f"{cache.key([prompts, applied, experiments.SAMPLING])}.json"
+    cached = judged / f"{cache.key([prompts, applied, experiments.SAMPLING])}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     runner.run(comfy_graphs.sample_graph(ckpt_name, {t: p for t, (p, _) in prompts.items()}, experiments.SAMPLING,
                                          applied))
     rows = [row for tag, (_, want) in prompts.items() for row in judge(comfy_graphs.CAPTURED.pop(tag), want, judges)]
-    cached.parent.mkdir(exist_ok=True)
+    cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(rows))
     return rows
 
@@ -181,6 +182,7 @@ def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) 
     seed."""
     import judges as judges_module
     folder = concepts_folder(ckpt_path)
+    judged = folder / "evaluations" / judge_path.name  # judged rows depend on the judges as well
     experiments._setup(ckpt_path, folder)
     runner = comfy_graphs.Runner()
     judges = judges_module.load_judges(judge_path)
@@ -190,12 +192,12 @@ def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) 
                "prompts": {name: [p for p, _ in front_prompts(f"embedding:{CONCEPT}", name).values()]
                            for name in PROMPT_SETS},
                "size_judge_on_concept": size_judge_on_concept(vae_path, judges[0]),
-               "superclass": {name: summary(evaluate(runner, ckpt_path.name, judges, superclass, None, name, folder))
+               "superclass": {name: summary(evaluate(runner, ckpt_path.name, judges, superclass, None, name, judged))
                               for name in PROMPT_SETS},
                "training_seconds": {}, "rows": []}
     log.info("front: size judge on the concept %s; superclass %s", results["size_judge_on_concept"],
              results["superclass"])
-    results["learnability"] = learnability(runner, ckpt_path, judges, folder)
+    results["learnability"] = learnability(runner, ckpt_path, judges, folder, judged)
     recipe = next((r["recipe"] for r in results["learnability"] if r["fidelity"] >= MIN_FIDELITY
                    and r["recipe"] in LEARNABILITY), None)
     results["recipe"] = recipe
@@ -212,7 +214,7 @@ def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) 
                 applied = [{"file": file, "strength": setting["strength"], "beta": setting["beta"],
                             "tau": setting["tau"]}]
                 for prompt_set in PROMPT_SETS:
-                    rows = evaluate(runner, ckpt_path.name, judges, f"embedding:{CONCEPT}", applied, prompt_set, folder)
+                    rows = evaluate(runner, ckpt_path.name, judges, f"embedding:{CONCEPT}", applied, prompt_set, judged)
                     results["rows"].append({"method": method, "seed": seed, "prompts": prompt_set, **setting,
                                             **summary(rows)})
                     log.info("front: %s", results["rows"][-1])
