@@ -110,8 +110,7 @@ def _old_pack_child():
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # today's judges module, after the old harness
     import judges as judges_module
     concept_judge = judges_module.load_judges(judge_path)[1]
-    prompts = {f"{bg}|{pos}": f"a embedding:{CONCEPT} on {bg}, on the {pos}"
-               for bg in ("grass", "sky", "night", "brick") for pos in ("left", "right")}
+    prompts = {tag: text for tag, (text, _) in experiments.context_prompts(CONCEPT).items()}  # that run's §4 prompts
     out = {"pack": PACK_2026_11_28, "recipe": OLD_RECIPE, "training_seconds": seconds,
            "torch_threads": torch.get_num_threads(), "by_beta": {}}
     for beta in (0.4, 0.7):
