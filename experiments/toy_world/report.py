@@ -479,8 +479,8 @@ def _interval(x: dict, pct: bool = True) -> str:
 
 
 def _difference(x: dict | None) -> str:
-    return "no overlap" if x is None else (f"{100 * x['mean']:+.0f} points [{100 * x['low']:+.0f}, "
-                                           f"{100 * x['high']:+.0f}] (per seed: "
+    """An alignment difference between methods (front.equal_fidelity), with its value in each seed."""
+    return "no overlap" if x is None else (_signed(x) + " (per seed: "
                                            + ", ".join(f"{100 * v:+.0f}" for v in x["per_seed"]) + ")")
 
 
@@ -652,6 +652,6 @@ def _front_set_lines(front: dict, prompt_set: str) -> list[str]:
 
 
 def _signed(x: dict, pct: bool = True) -> str:
-    """A per-seed difference: mean [interval], not cut."""
-    f = (lambda v: f"{100 * v:+.0f} points") if pct else (lambda v: f"{v:+.2f}")
-    return f"{f(x['mean'])} [{f(x['low'])}, {f(x['high'])}]"
+    """A difference over seeds: mean [interval], not cut (in percentage points where pct)."""
+    f = (lambda v: f"{100 * v:+.0f}") if pct else (lambda v: f"{v:+.2f}")
+    return f"{f(x['mean'])} [{f(x['low'])}, {f(x['high'])}]" + (" points" if pct else "")
