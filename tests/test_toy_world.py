@@ -1,6 +1,7 @@
 """Issue 8: the toy world of experiments/toy_world is deterministic and its captions follow its grammar.
 (The training and the experiments themselves are run by experiments/toy_world/run.py, not by the tests.)"""
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -52,6 +53,36 @@ def test_concepts_are_held_out_of_the_base_world():
     looks = {o.look for s in scenes for o in s.objects}
     assert not looks & {look for _, look in world.CONCEPTS.values()}
     assert {shape for shape, _ in world.CONCEPTS.values()} <= set(world.SHAPES)
+    # with random looks too: none of them is near a concept's look, and the check sees a look that is
+    for _, look in world.CONCEPTS.values():
+        assert world.near_concept(look)
+        assert world.near_concept(replace(look, colour=tuple(c + 0.15 for c in look.colour)))
+        assert not world.near_concept(replace(look, kind="plain"))
+        assert not world.near_concept(replace(look, colour2=tuple(1.0 - c for c in look.colour2)))
+    scenes, _ = world.world_dataset(2000, seed=1, random_looks=0.5)
+    assert not any(world.near_concept(o.look) for s in scenes for o in s.objects)
+
+
+def test_random_looks_are_unnamed_and_leave_the_plain_world_as_it_was():
+    """The base of REPORT.md §6-§8 was built from world_dataset(..., seed=2) before random looks existed: with
+    random_looks 0 the data must not change (digests of that data), and with them the captions name no colour
+    for a random look and still follow the grammar."""
+    import hashlib
+    scenes, images = world.world_dataset(200, seed=2, two_objects=0.2, random_looks=0.0)
+    assert hashlib.sha256("\n".join(s.caption for s in scenes).encode()).hexdigest()[:16] == "5725e066d3d3346c"
+    assert hashlib.sha256(images.tobytes()).hexdigest()[:16] == "ace4631f54abc5cc"
+    scenes, _ = world.world_dataset(600, seed=2, two_objects=0.2, random_looks=0.3)
+    objects = [o for s in scenes for o in s.objects]
+    unnamed = [o for o in objects if o.colour_word is None]
+    assert 0.25 < len(unnamed) / len(objects) < 0.35
+    assert {o.look.kind for o in unnamed} == {"plain", "striped", "dotted", "split", "bullseye"}
+    for scene in scenes:
+        parsed = world.parse_caption(scene.caption)
+        for said, obj in zip(parsed["objects"], scene.objects):
+            assert said["shape"] == obj.shape
+            if obj.colour_word is None:
+                assert said["colour"] is None
+            assert said["pattern"] == (obj.look.kind if obj.look.kind in ("striped", "dotted") else "plain")
 
 
 @pytest.mark.host

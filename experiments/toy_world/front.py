@@ -118,6 +118,18 @@ def learnability(runner, ckpt_path: Path, judges, folder: Path, judged: Path) ->
     return rows
 
 
+def earlier_bases(previous_file: Path, base: str) -> list[dict]:
+    """The learnability checks of other bases, from the front.json being replaced (and the ones it carried), so
+    that the report keeps why the front was not sampled on them: [{"base": cache folder, "learnability": rows}]."""
+    if not previous_file.is_file():
+        return []
+    previous = json.loads(previous_file.read_text())
+    carried = [b for b in previous.get("earlier_bases", []) if b["base"] != base]
+    if previous.get("base") not in (None, base) and all(b["base"] != previous["base"] for b in carried):
+        carried.append({"base": previous["base"], "learnability": previous["learnability"]})
+    return carried
+
+
 def judge(images, want: dict, judges) -> list[dict]:
     """Per image: the concept judge's probability, and whether each asked-for attribute is read as asked."""
     attribute_judge, concept_judge = judges
@@ -197,6 +209,7 @@ def run_front(ckpt_path: Path, judge_path: Path, vae_path: Path, out_dir: Path) 
                "training_seconds": {}, "rows": []}
     log.info("front: size judge on the concept %s; superclass %s", results["size_judge_on_concept"],
              results["superclass"])
+    results["earlier_bases"] = earlier_bases(out_dir / "front.json", ckpt_path.parent.name)
     results["learnability"] = learnability(runner, ckpt_path, judges, folder, judged)
     recipe = next((r["recipe"] for r in results["learnability"] if r["fidelity"] >= MIN_FIDELITY
                    and r["recipe"] in LEARNABILITY), None)

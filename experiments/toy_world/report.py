@@ -498,7 +498,8 @@ def front_sweeps(front: dict, prompt_set: str) -> list[dict]:
             + [{"method": "superclass", "beta": 0.0, "tau": 0.0, **front["superclass"][prompt_set]}])
 
 
-def front_section(front: dict, command: str, machine: str, date: str, diagnosis: dict | None = None) -> str:
+def front_section(front: dict, command: str, machine: str, date: str, diagnosis: dict | None = None,
+                  base_names: dict | None = None) -> str:
     """Issue 20 items 3 and 4 (front.py): per prompt set, the settings table, the knob, and locked keys against
     the baselines at equal fidelity."""
     train, sampling = front["train"], front["sampling"]
@@ -525,7 +526,7 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
              "Each cell: mean over the seeds, and its 95% interval (t over seeds, cut to 0..1) in brackets. Fisher's "
              "exact tests pool the images of all seeds, so they treat images as independent; the intervals over "
              "seeds do not.", ""]
-    lines += _learnability_lines(front)
+    lines += _learnability_lines(front, base_names or {})
     if diagnosis is not None:
         lines += _diagnosis_lines(diagnosis, command)
     if front.get("recipe") is not None:
@@ -537,8 +538,9 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
     return "\n".join(lines) + "\n"
 
 
-def _learnability_lines(front: dict) -> list[str]:
-    """Can the base render the concept? The recipes tried before the front (front.learnability)."""
+def _learnability_lines(front: dict, base_names: dict) -> list[str]:
+    """Can the base render the concept? The recipes tried before the front (front.learnability), on this base and
+    on the bases tried before it (front.earlier_bases). base_names: cache folder -> run.py --base option."""
     import front as front_module
     train = front["train"]
     lines = ["### Can this base model render the concept?", "",
@@ -546,14 +548,17 @@ def _learnability_lines(front: dict) -> list[str]:
              f"{train['batch_size']}, {train['gradient_accumulation']} micro-batch per step) and with changes to it; "
              f"applied at beta 0.4 (tau {front_module.TAU:g}), where fidelity is highest, in the unseen contexts. The "
              f"front is sampled with the first recipe whose fidelity reaches {front_module.MIN_FIDELITY:g}.", "",
-             "| recipe | training time | fidelity | detected | alignment (background and position) | images |",
-             "|---|---|---|---|---|---|"]
-    for row in front["learnability"]:
-        name = row["recipe"] or "the front's recipe"
-        changes = ", ".join(k if v is True else f"{k} {v:g}" for k, v in row["changes"].items())
-        seconds = f"{row['training_seconds'] / 60:.1f} min" if row["training_seconds"] else "see §6"
-        lines.append(f"| {name}{f' ({changes})' if changes and row['recipe'] else ''} | {seconds} | "
-                     f"{row['fidelity']:.3f} | {row['detected']:.0%} | {row['alignment']:.0%} | {row['images']} |")
+             "| base (`--base`) | recipe | training time | fidelity | detected | alignment (background and position) "
+             "| images |", "|---|---|---|---|---|---|---|"]
+    tried = front.get("earlier_bases", []) + [{"base": front["base"], "learnability": front["learnability"]}]
+    for base in tried:
+        for row in base["learnability"]:
+            name = row["recipe"] or "the front's recipe"
+            changes = ", ".join(k if v is True else f"{k} {v:g}" for k, v in row["changes"].items())
+            seconds = f"{row['training_seconds'] / 60:.1f} min" if row["training_seconds"] else "see §6"
+            lines.append(f"| `{base['base']}` ({base_names.get(base['base'], '?')}) | "
+                         f"{name}{f' ({changes})' if changes and row['recipe'] else ''} | {seconds} | "
+                         f"{row['fidelity']:.3f} | {row['detected']:.0%} | {row['alignment']:.0%} | {row['images']} |")
     if front.get("recipe") is None:
         lines += ["", f"No recipe reaches fidelity {front_module.MIN_FIDELITY:g} on this base model, so the front "
                   "was not sampled: with fidelity near 0 at every setting there is nothing to trade against "

@@ -191,11 +191,20 @@ def _world_object(rng: random.Random, slot: str | None = None, size_word=None, c
 
 
 def random_look(rng: random.Random) -> Look:
-    """A look outside the world's vocabulary (for the VAE and the judges, never for the base UNet)."""
+    """A look outside the world's vocabulary (for the VAE and the judges, and for the base UNet where its config
+    asks for random_looks)."""
     kind = rng.choice(("plain", "striped", "dotted", "split", "split", "bullseye", "bullseye"))
     c1 = tuple(rng.uniform(0, 1) for _ in range(3))
     c2 = tuple(rng.uniform(0, 1) for _ in range(3))
     return Look(kind, c1, c2, axis=rng.randint(0, 1))
+
+
+def near_concept(look: Look, tolerance: float = 0.35) -> bool:
+    """Whether a look is one of the held-out concepts' looks up to `tolerance` (RGB distance of each colour)."""
+    def close(a, b):
+        return float(np.linalg.norm(np.subtract(a, b))) < tolerance
+    return any(look.kind == held.kind and close(look.colour, held.colour) and close(look.colour2, held.colour2)
+               for _, held in CONCEPTS.values())
 
 
 def concept_object(name: str, rng: random.Random, position_word=None, size_word="big", slot=None) -> Obj:
@@ -237,13 +246,23 @@ def caption_for(scene_objects, background, rng: random.Random | None, full: bool
     return text
 
 
-def world_scene(rng: random.Random, two_objects: float = 0.2) -> Scene:
-    """A scene of the base world with its caption and labels."""
+def world_scene(rng: random.Random, two_objects: float = 0.2, random_looks: float = 0.0) -> Scene:
+    """A scene of the base world with its caption and labels. random_looks: the share of objects painted with a
+    look outside the vocabulary (random_look; their captions name no colour), so that the base, like a real
+    text-to-image model, can render far more looks than its words name and a concept's look is one it can reach."""
     background = rng.choice(list(BACKGROUNDS))
+
+    def unnamed(obj):  # draws nothing when random_looks is 0: bases built before it keep their data
+        if random_looks and rng.random() < random_looks:
+            look = random_look(rng)
+            while near_concept(look):  # the concepts stay held out
+                look = random_look(rng)
+            return replace(obj, look=look, colour_word=None)
+        return obj
     if rng.random() < two_objects:
-        objects = (_world_object(rng, "first"), _world_object(rng, "second"))
+        objects = (unnamed(_world_object(rng, "first")), unnamed(_world_object(rng, "second")))
     else:
-        objects = (_world_object(rng),)
+        objects = (unnamed(_world_object(rng)),)
     gradient = rng.uniform(-0.15, 0.15)
     caption = caption_for(objects, background, rng)
     return Scene(background, objects, caption, gradient, labels=labels_of(background, objects))
@@ -286,10 +305,10 @@ def generic_scene(rng: random.Random, concept_rate: float = 0.0) -> Scene:
     return Scene(background, objects, "", rng.uniform(-0.15, 0.15), labels=labels_of(background, objects))
 
 
-def world_dataset(n: int, seed: int, two_objects: float = 0.2):
+def world_dataset(n: int, seed: int, two_objects: float = 0.2, random_looks: float = 0.0):
     """n scenes of the base world and their images [n, SIZE, SIZE, 3]."""
     rng = random.Random(seed)
-    scenes = [world_scene(rng, two_objects) for _ in range(n)]
+    scenes = [world_scene(rng, two_objects, random_looks) for _ in range(n)]
     return scenes, np.stack([render(s) for s in scenes])
 
 
