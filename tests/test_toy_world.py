@@ -154,6 +154,46 @@ def test_front_intervals_and_exact_tests():
     assert front.fisher(24 / 48, 48, 20 / 48, 48) == pytest.approx(_fisher_two_sided(24, 48, 20, 48))
 
 
+def _sampled_front(recipe):
+    """A front.json as front.run_front writes it once a recipe passed the learnability check: every setting of
+    every method and seed, fidelity falling and alignment rising with beta."""
+    import front
+    rows = []
+    for seed in front.SEEDS:
+        for method in front.METHODS:
+            for setting in front.settings(method):
+                fidelity, alignment = 1.0 - 0.5 * setting["beta"], 0.4 + 0.5 * setting["beta"] - 0.01 * seed
+                for prompts in front.PROMPT_SETS:
+                    rows.append({"method": method, "seed": seed, "prompts": prompts, **setting, "images": 24,
+                                 "fidelity": fidelity, "detected": fidelity, "alignment": alignment,
+                                 "background_and_position": alignment, "detected_and_aligned": fidelity * alignment,
+                                 **({"size": alignment} if prompts == "small" else {})})
+    base = {"fidelity": 0.0, "detected": 0.0, "alignment": 1.0, "size": 1.0, "images": 24}
+    learnability = [{"recipe": name, "changes": changes, "training_seconds": 60.0, **base}
+                    for name, changes in front.LEARNABILITY.items()]
+    return {"concept": front.CONCEPT, "train": front.TRAIN, "sampling": {"seed": 1000, "steps": 16, "cfg": 4.0,
+            "sampler": "dpmpp_2m", "scheduler": "karras", "batch": 3}, "seeds": list(front.SEEDS),
+            "prompts": {name: [p for p, _ in front.front_prompts(front.CONCEPT, name).values()]
+                        for name in front.PROMPT_SETS},
+            "size_judge_on_concept": {"images": 240, "accuracy": {"small": 0.99, "big": 1.0}},
+            "superclass": {name: base for name in front.PROMPT_SETS}, "learnability": learnability,
+            "recipe": recipe, "rows": rows, "base": "base-x", "training_seconds": {"perfusion/seed0": 60.0},
+            "seconds": 600.0}
+
+
+def test_front_report_states_the_recipe_the_front_was_trained_with():
+    import front
+    import report
+    recipe = "learning rates x3.3 and 500 steps"
+    changes = front.LEARNABILITY[recipe]
+    text = report.front_section(_sampled_front(recipe), "cmd", "machine", "date")
+    assert (f"(steps {changes['steps']}, batch {front.TRAIN['batch_size']}, 1 micro-batch per step, "
+            f"value_lr {changes['value_lr']:g}, embedding_lr {changes['embedding_lr']:g}, other inputs") in text
+    assert f"The front below uses: {recipe}." in text and "### the concept asked for small" in text
+    plain = report.front_section(_sampled_front(""), "cmd", "machine", "date")
+    assert f"(steps {front.TRAIN['steps']}, batch {front.TRAIN['batch_size']}, 1 micro-batch per step, other" in plain
+
+
 def _fisher_two_sided(a, n_a, b, n_b):
     """Fisher's exact test from the hypergeometric law: the probability of every table with the same margins
     that is no more likely than the observed one."""

@@ -43,7 +43,8 @@ TAU = 0.15
 # Recipes tried (Perfusion, seed 0) before the front: changes to TRAIN. The front is sampled only if one of them
 # makes the concept recognisable (MIN_FIDELITY at beta 0.4 in unseen contexts), with the first that does.
 # (More training is the concept of §6, 4 micro-batches per step, which learnability() reads where it exists.)
-LEARNABILITY = {"": {}, "learning rates x3.3": {"value_lr": 0.1, "embedding_lr": 0.02}, "with masks": {"masks": True}}
+LEARNABILITY = {"": {}, "learning rates x3.3": {"value_lr": 0.1, "embedding_lr": 0.02}, "with masks": {"masks": True},
+                "learning rates x3.3 and 500 steps": {"value_lr": 0.1, "embedding_lr": 0.02, "steps": 500}}
 MIN_FIDELITY = 0.3
 SIZE_WORD = "small"  # the photos show the concept big
 PROMPT_SETS = ("small", "contexts")

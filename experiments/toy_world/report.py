@@ -502,7 +502,8 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
                   base_names: dict | None = None) -> str:
     """Issue 20 items 3 and 4 (front.py): per prompt set, the settings table, the knob, and locked keys against
     the baselines at equal fidelity."""
-    train, sampling = front["train"], front["sampling"]
+    sampling = front["sampling"]
+    train = {**front["train"], **_front_recipe_changes(front)}  # what the front's concepts were trained with
     seeds = ", ".join(str(s) for s in front["seeds"])
     times = [s for s in front["training_seconds"].values() if s]
     size_judge = front["size_judge_on_concept"]
@@ -512,7 +513,9 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
              "Training times are wall times on the shared 2-core machine (other jobs ran beside some of them).", "",
              f"The experiment (front.py): the concept `{front['concept']}` trained from its 4 photos (big, centre, sand or snow) by "
              f"PerfusionTrainConcept with training seeds {seeds} (steps {train['steps']}, batch {train['batch_size']}, "
-             f"{train['gradient_accumulation']} micro-batch per step, other inputs at their defaults), three ways as in "
+             f"{train['gradient_accumulation']} micro-batch per step"
+             + "".join(f", {k} {v:g}" for k, v in train.items() if k in ("value_lr", "embedding_lr"))
+             + ", other inputs at their defaults), three ways as in "
              f"§4. Two prompt sets, each the 8 combinations of 4 unseen backgrounds and left/right "
              f"({sampling['batch']} images per prompt, {sampling['steps']} steps, {sampling['sampler']}/"
              f"{sampling['scheduler']}, cfg {sampling['cfg']}, the same KSampler seeds for every setting): "
@@ -536,6 +539,11 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
                  f"({len(times)} concepts, {min(times) / 60:.1f}-{max(times) / 60:.1f} min each)." if times else
                  f"Wall time: {front['seconds'] / 60:.1f} min (concepts from the cache).")
     return "\n".join(lines) + "\n"
+
+
+def _front_recipe_changes(front: dict) -> dict:
+    """The changes to front.json's "train" of the recipe the front was sampled with (none before it is)."""
+    return next((row["changes"] for row in front["learnability"] if row["recipe"] == front.get("recipe")), {})
 
 
 def _learnability_lines(front: dict, base_names: dict) -> list[str]:
