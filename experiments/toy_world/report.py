@@ -503,7 +503,9 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
     """Issue 20 items 3 and 4 (front.py): per prompt set, the settings table, the knob, and locked keys against
     the baselines at equal fidelity."""
     sampling = front["sampling"]
-    train = {**front["train"], **_front_recipe_changes(front)}  # what the front's concepts were trained with
+    changes = _front_recipe_changes(front)
+    train = {**front["train"], **changes}  # what the front's concepts were trained with
+    other_changes = _changes_text({k: v for k, v in changes.items() if k not in TRAIN_SENTENCE_KEYS})
     seeds = ", ".join(str(s) for s in front["seeds"])
     times = [s for s in front["training_seconds"].values() if s]
     size_judge = front["size_judge_on_concept"]
@@ -514,8 +516,7 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
              f"The experiment (front.py): the concept `{front['concept']}` trained from its 4 photos (big, centre, sand or snow) by "
              f"PerfusionTrainConcept with training seeds {seeds} (steps {train['steps']}, batch {train['batch_size']}, "
              f"{train['gradient_accumulation']} micro-batch per step"
-             + "".join(f", {k} {v:g}" for k, v in train.items() if k in ("value_lr", "embedding_lr"))
-             + ", other inputs at their defaults), three ways as in "
+             + (f", {other_changes}" if other_changes else "") + ", other inputs at their defaults), three ways as in "
              f"§4. Two prompt sets, each the 8 combinations of 4 unseen backgrounds and left/right "
              f"({sampling['batch']} images per prompt, {sampling['steps']} steps, {sampling['sampler']}/"
              f"{sampling['scheduler']}, cfg {sampling['cfg']}, the same KSampler seeds for every setting): "
@@ -541,6 +542,14 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
     return "\n".join(lines) + "\n"
 
 
+TRAIN_SENTENCE_KEYS = ("steps", "batch_size", "gradient_accumulation")  # front_section states these of every recipe
+
+
+def _changes_text(changes: dict) -> str:
+    """A recipe's changes to the training inputs: "value_lr 0.1, masks"."""
+    return ", ".join(k if v is True else f"{k} {v:g}" for k, v in changes.items())
+
+
 def _front_recipe_changes(front: dict) -> dict:
     """The changes to front.json's "train" of the recipe the front was sampled with (none before it is)."""
     return next((row["changes"] for row in front["learnability"] if row["recipe"] == front.get("recipe")), {})
@@ -562,7 +571,7 @@ def _learnability_lines(front: dict, base_names: dict) -> list[str]:
     for base in tried:
         for row in base["learnability"]:
             name = row["recipe"] or "the front's recipe"
-            changes = ", ".join(k if v is True else f"{k} {v:g}" for k, v in row["changes"].items())
+            changes = _changes_text(row["changes"])
             seconds = f"{row['training_seconds'] / 60:.1f} min" if row["training_seconds"] else "see §6"
             lines.append(f"| `{base['base']}` ({base_names.get(base['base'], '?')}) | "
                          f"{name}{f' ({changes})' if changes and row['recipe'] else ''} | {seconds} | "
