@@ -165,24 +165,28 @@ def main():
                       write_composition_report)
     import judges
     import experiments
-    judge_path = judges.stage_judges(stage_vae())
+
+    def judge_path():  # trained (or found in the cache) only by a stage that samples: --report-only needs none
+        return judges.stage_judges(stage_vae())
     if args.until == "judges":
+        judge_path()
         return
     if args.until == "companions":
         return _stage(args.report_only, "companions.json",
-                      lambda: composition.run_companions(stage_base(), judge_path, HERE), write_composition_report)
+                      lambda: composition.run_companions(stage_base(), judge_path(), HERE), write_composition_report)
     if args.until == "diagnose":
         import diagnose
         return _stage(args.report_only, "diagnose.json",
-                      lambda: diagnose.run_diagnose(HERE.parents[1], stage_base(), judge_path, HERE), write_front_report)
+                      lambda: diagnose.run_diagnose(HERE.parents[1], stage_base(), judge_path(), HERE),
+                      write_front_report)
     if args.until == "front":
         import front
-        return _stage(args.report_only, "front.json", lambda: front.run_front(stage_base(), judge_path, stage_vae(), HERE),
-                      write_front_report)
+        return _stage(args.report_only, "front.json",
+                      lambda: front.run_front(stage_base(), judge_path(), stage_vae(), HERE), write_front_report)
     if not (args.report_only and (HERE / "results.json").is_file()):
-        experiments.run_all(stage_base(), judge_path, HERE)
+        experiments.run_all(stage_base(), judge_path(), HERE)
         experiments.add_gate_inputs(stage_base(), HERE)
-    write_report(judge_path)
+    write_report(judge_path())
     log.info("all done in %.0f s", time.time() - start)
 
 
