@@ -225,3 +225,75 @@ def test_object_masks_cover_exactly_what_render_paints_over_the_background():
         painted = np.abs(image - background).max(axis=-1) > 1e-6
         assert mask.shape == (world.SIZE, world.SIZE) and 0.0 <= mask.min() and mask.max() == 1.0
         assert np.array_equal(painted, mask > 0)
+
+
+def test_shape_candidates_keep_what_their_latent_keeps():
+    """shape.py's "today's latent" row sees exactly the mosaic VAE's latent (8x8 patch means), and the learned
+    fourth channel writes one code per 8x8 patch, from that patch only."""
+    import torch
+    import base_model
+    import shape
+    _, images, _ = shape.single_object_scenes(8, seed=3)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    latent = base_model.mosaic_latents(images)[:, :3] * 4  # the VAE's latent, unscaled
+    expected = latent.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    assert torch.allclose(shape.PatchMeans(8)(x), expected, atol=1e-6)
+    assert not torch.allclose(shape.PatchMeans(4)(x), expected, atol=1e-3)
+    torch.manual_seed(0)
+    code = shape.LearnedPatchCode(1, keep_means=True)
+    changed = x.clone()
+    changed[:, :, 8:16, 16:24] = torch.rand(8, 3, 8, 8)  # one patch: row 1, column 2
+    difference = (code(changed) - code(x)).abs().amax(dim=(0, 1))
+    assert difference[8:16, 16:24].min() > 0
+    difference[8:16, 16:24] = 0
+    assert difference.max() == 0
+
+
+def test_shape_scores_and_intervals():
+    import torch
+    import shape
+    assert shape.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert shape.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    scenes, images, labels = shape.single_object_scenes(40, seed=4)
+    star, circle, square = (shape.SHAPES.index(s) for s in ("star", "circle", "square"))
+    predicted = labels.clone()
+    stars, circles = (labels == star).nonzero().flatten(), (labels == circle).nonzero().flatten()
+    assert len(stars) >= 2 and len(circles) >= 1
+    predicted[stars[0]] = circle  # a star read as a circle, another as a square, a circle as a square
+    predicted[stars[1]] = square
+    predicted[circles[0]] = square
+
+    class Reads(torch.nn.Module):  # a classifier that answers `predicted`, image by image
+        def forward(self, x):
+            index = [int(np.flatnonzero((images == img.permute(1, 2, 0).numpy()).all(axis=(1, 2, 3)))[0]) for img in x]
+            return torch.nn.functional.one_hot(predicted[index], len(shape.SHAPES)).float()
+    scores = shape.evaluate(Reads(), images, labels, scenes)
+    assert scores["correct"] == 37 and scores["accuracy"] == pytest.approx(37 / 40)
+    assert scores["star_read_as_circle"] == pytest.approx(1 / len(stars))
+    assert scores["accuracy_star"] == pytest.approx(1 - 2 / len(stars))
+    assert scores["circle_read_as_star"] == 0 and scores["accuracy_circle"] == pytest.approx(1 - 1 / len(circles))
+
+
+@pytest.mark.host
+def test_patch_code_encoder_computes_its_filters_exactly():
+    """patch_vae's hand-set TAESD encoder applies any four 8x8 patch filters (signed) exactly, and read_filters
+    reads them back; a filter entry put at the wrong tap is caught."""
+    import torch
+    from comfy.taesd.taesd import TAESD
+    import patch_vae
+    torch.manual_seed(0)
+    filters, bias = torch.randn(4, 3, 8, 8) * 0.05, torch.randn(4) * 0.1
+    encoder = TAESD().taesd_encoder
+    patch_vae.set_patch_encoder(encoder, filters, bias)
+    x = torch.rand(3, 3, 48, 48)
+    with torch.no_grad():
+        latent = encoder(x)
+    assert torch.allclose(latent, torch.nn.functional.conv2d(x, filters, bias, stride=8), atol=1e-5)
+    read, read_bias = patch_vae.read_filters(encoder)
+    assert torch.equal(read, filters) and torch.equal(read_bias, bias)
+    shifted = filters.clone()
+    shifted[:, :, :, 1:], shifted[:, :, :, 0] = filters[:, :, :, :-1], 0  # one pixel to the right
+    assert not torch.allclose(latent, torch.nn.functional.conv2d(x, shifted, bias, stride=8), atol=1e-3)
+    means = patch_vae.mean_filters()
+    assert torch.allclose(torch.nn.functional.conv2d(x, means, stride=8),
+                          torch.nn.functional.avg_pool2d(x, 8) * patch_vae.MEAN_SCALE, atol=1e-6)

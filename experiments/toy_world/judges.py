@@ -33,15 +33,15 @@ JUDGE_CONFIG = {"version": 1, "train_images": 7000, "test_images": 600, "seed": 
 
 
 class _Net(torch.nn.Module):
-    def __init__(self, outputs: int):
+    def __init__(self, outputs: int, in_channels: int = 3):
         super().__init__()
         c = lambda i, o: [torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]  # noqa: E731
-        self.features = torch.nn.Sequential(*c(3, 32), torch.nn.MaxPool2d(2), *c(32, 64), torch.nn.MaxPool2d(2),
+        self.features = torch.nn.Sequential(*c(in_channels, 32), torch.nn.MaxPool2d(2), *c(32, 64), torch.nn.MaxPool2d(2),
                                             *c(64, 96), torch.nn.MaxPool2d(2), *c(96, 128))  # 48 -> 6x6
         self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(128 * 36, 256), torch.nn.ReLU(),
                                         torch.nn.Dropout(0.2), torch.nn.Linear(256, outputs))
 
-    def forward(self, x):  # x: [B, 3, 48, 48] in 0..1
+    def forward(self, x):  # x: [B, in_channels, 48, 48] in 0..1
         return self.head(self.features(x - 0.5))
 
 

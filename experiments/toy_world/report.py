@@ -677,3 +677,64 @@ def _signed(x: dict, pct: bool = True) -> str:
     """A difference over seeds: mean [interval], not cut (in percentage points where pct)."""
     f = (lambda v: f"{100 * v:+.0f}") if pct else (lambda v: f"{v:+.2f}")
     return f"{f(x['mean'])} [{f(x['low'])}, {f(x['high'])}]" + (" points" if pct else "")
+
+
+SHAPE_HEADING = "## 9. Which latent keeps shape (no base model)"
+
+
+def shape_section(result: dict, command: str, machine: str, date: str) -> str:
+    """Section 9 from shape.json (shape.py): shape accuracy through each candidate latent."""
+    import shape
+    cfg, rows = result["config"], result["rows"]
+    candidates = list(dict.fromkeys(r["candidate"] for r in rows))
+    lines = [SHAPE_HEADING, "",
+             f"`{command}`, {date}; {machine}.", "",
+             "The mosaic VAE keeps 8x8 patch colour means, so shape survives only in how objects cover the patches "
+             "(§3: the shape judge reads 58% of mosaics correctly). shape.py trains the judges' network as a shape "
+             f"classifier (4 shapes, chance 25%) on {cfg['train_scenes']} single-object scenes of the judges' data "
+             "(world objects, random looks, the concepts and their looks on other shapes) seen through each "
+             f"candidate latent, nearest-upsampled back to 48x48, {cfg['epochs']} epochs, training seeds "
+             f"{', '.join(map(str, cfg['train_seeds']))}; tested on {cfg['test_scenes']} held-out scenes. The rows "
+             "marked ceiling learn their encoder (linear, 8x8 stride 8) jointly with the classifier: an estimate of "
+             "what an encoder of that size can keep, limited by the short training; whether a decoder renders it is "
+             "another question (the VAE table below).", "",
+             "| latent | what | shape accuracy per seed [95% Wilson interval] | small | big | star | circle | "
+             "star read as circle | circle read as star |", "|---|---|---|---|---|---|---|---|---|"]
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    for name in candidates:
+        rs = [r for r in rows if r["candidate"] == name]
+        per_seed = ", ".join("{:.1%} [{:.1%}, {:.1%}]".format(r["accuracy"], *shape.wilson(r["correct"], r["n"]))
+                             for r in rs)
+        lines.append(f"| {rs[0]['latent']} | {rs[0]['description']} | {per_seed} | {_pct(mean(rs, 'accuracy_small'))} | "
+                     f"{_pct(mean(rs, 'accuracy_big'))} | {_pct(mean(rs, 'accuracy_star'))} | "
+                     f"{_pct(mean(rs, 'accuracy_circle'))} | {_pct(mean(rs, 'star_read_as_circle'))} | "
+                     f"{_pct(mean(rs, 'circle_read_as_star'))} |")
+    today = mean([r for r in rows if r["candidate"] == "means8"], "accuracy")
+    gains = ", ".join(f"{shape.CANDIDATES[name][1]} {100 * (mean([r for r in rows if r['candidate'] == name], 'accuracy') - today):+.1f}"
+                      for name in candidates if name != "means8")
+    lines += ["", f"Mean over seeds against today's latent ({today:.1%}), in points: {gains}.", ""]
+    if result.get("vaes"):
+        lines += _shape_vae_lines(result["vaes"])
+    lines += ["Wall time of the candidates: {:.1f} min ({}).".format(result["seconds"] / 60, ", ".join(
+                  f"{name} {mean([r for r in rows if r['candidate'] == name], 'train_seconds') / 60:.1f} min per training"
+                  for name in candidates)), ""]
+    return "\n".join(lines)
+
+
+def _shape_vae_lines(vaes: dict) -> list[str]:
+    """The judges of §3 retrained through each VAE (judges.stage_judges) and read on its decodes of held-out scenes."""
+    heads = ("shape", "size", "position", "background", "colour")
+    concepts = sorted(next(iter(vaes.values()))["concept_accuracy_vae"])
+    lines = ["What each VAE keeps, read by the judges of §3 retrained through it (`--only judges --vae <name>`) on its "
+             "decodes of held-out scenes (chance for shape: 25%):", "",
+             "| VAE | reconstruction L1 (256 scenes) | " + " | ".join(heads) + " | "
+             + " | ".join(f"concept judge: {c}" for c in concepts) + " | VAE training | judges |",
+             "|---|---|" + "---|" * (len(heads) + len(concepts) + 2)]
+    for name, v in vaes.items():
+        attribute, concept = v["attribute_accuracy_vae"], v["concept_accuracy_vae"]
+        lines.append(f"| {name} ({v['config']['kind']}) | {v['recon_l1_256']:.4f} | "
+                     + " | ".join(f"{attribute[h]:.1%}" for h in heads) + " | "
+                     + " | ".join(f"{concept[c]:.1%}" for c in concepts)
+                     + f" | {v['seconds'] / 60:.1f} min | {v['judge_seconds'] / 60:.1f} min |")
+    return lines + [""]
+

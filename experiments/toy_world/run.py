@@ -40,6 +40,11 @@ VERSION = 1  # bump to invalidate every cached stage
 COMMAND = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"  # as the report cites it
 
 VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
+# A VAE whose latent is 4 learned linear functions of each 8x8 patch (patch_vae.py; REPORT.md §9); no base model
+# uses it yet. It trains with 2 torch threads on 6,000 scenes with random looks.
+PATCH_CODE_VAE_CONFIG = {**VAE_CONFIG, "kind": "patch-code", "images": 6000, "data_seed": 5, "steps": 1500,
+                         "batch": 32, "lr": 1e-3, "torch_threads": 2}
+VAES = {"mosaic": VAE_CONFIG, "patch-code": PATCH_CODE_VAE_CONFIG}
 # The base UNet's weights depend on the torch thread count it trains with (the order of float sums), and so
 # does what it can learn: the 2026-11-28 base (2 threads) rendered the held-out circle recognisably after 250
 # steps, the base rebuilt on 2026-12-03 with 1 thread from the same config did not (REPORT.md §8), nor did one
@@ -58,20 +63,34 @@ base_config = BASE_CONFIG  # the base every stage uses (main sets it from --base
 
 
 def stage_vae(cfg=VAE_CONFIG):
-    """The checkpoint's VAE: a TAESD with hand-set weights (base_model.mosaic_taesd), and its reconstruction error."""
+    """The checkpoint's VAE and its reconstruction error: a TAESD with hand-set weights (kind "mosaic",
+    base_model.mosaic_taesd) or with a hand-set encoder and a learned decoder (kind "patch-code", patch_vae.py)."""
+    import numpy as np
     import safetensors.torch
+    import torch
     import base_model
     import world
     folder = cache.folder("vae", cfg)
     path = folder / "taesd.safetensors"
     if path.is_file():
         return path
-    vae = base_model.mosaic_taesd()
+    t0, stats = time.time(), {}
+    if cfg["kind"] == "mosaic":
+        vae = base_model.mosaic_taesd()
+    else:
+        import patch_vae
+        scenes, images = world.generic_dataset(cfg["images"], cfg["data_seed"])
+        masks = np.stack([world.object_mask(s) for s in scenes])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg["torch_threads"])
+        vae, stats["losses"] = patch_vae.train_patch_taesd(images, masks, cfg["steps"], cfg["batch"], cfg["lr"],
+                                                           cfg["seed"])
+        torch.set_num_threads(threads)
     safetensors.torch.save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(path))
     _, images = world.generic_dataset(256, cfg["seed"])
     err = float(abs(base_model.reconstruct(vae, images) - images).mean())
-    (folder / "stats.json").write_text(json.dumps({"seconds": 0.0, "recon_l1_256": err}))
-    log.info("VAE (mosaic TAESD) reconstruction L1 %.4f", err)
+    (folder / "stats.json").write_text(json.dumps({"seconds": time.time() - t0, "recon_l1_256": err, **stats}))
+    log.info("VAE (%s TAESD) reconstruction L1 %.4f", cfg["kind"], err)
     return path
 
 
@@ -127,14 +146,16 @@ def stage_base(cfg=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded run used 2, on 2 idle cores)")
-    parser.add_argument("--until", choices=["vae", "base", "gates", "composition", "companions", "front", "diagnose",
+    parser.add_argument("--until", choices=["vae", "shape", "base", "gates", "composition", "companions", "front", "diagnose",
                                                 "judges", "results"],
                         default="results", help="gates: the gate calibration (gates.py); composition: the per-token "
                                                 "coefficients of two concepts (composition.py); neither needs judges "
-                                                "or sampling")
+                                                "or sampling; shape: which latent keeps shape (shape.py), no base")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md (or the --until stage's "
                                                                    "section) from the recorded results json")
     parser.add_argument("--only", choices=["judges"], help="run just this stage (its inputs must be cached or cheap)")
+    parser.add_argument("--vae", choices=list(VAES), default="mosaic",
+                        help="the VAE that --until vae / --only judges build (a base model names its own)")
     parser.add_argument("--base", choices=list(BASES), default="default",
                         help="unset-threads: the base built on 2026-12-03 with 1 torch thread from a config that did "
                              "not record threads (UNSET_THREADS_BASE), on which §6-§8 ran")
@@ -148,11 +169,20 @@ def main():
     start = time.time()
     if args.only == "judges":
         import judges
-        judges.stage_judges(stage_vae())
+        judges.stage_judges(stage_vae(VAES[args.vae]))
         return
-    stage_vae()
+    stage_vae(VAES[args.vae])
     if args.until == "vae":
         return
+    if args.until == "shape":
+        import judges
+        import shape
+
+        def run_shape():
+            shape.run_shape(HERE)
+            shape.add_vaes(HERE, {name: (cfg, stage_vae(cfg).parent, judges.stage_judges(stage_vae(cfg)))
+                                  for name, cfg in VAES.items()})
+        return _stage(args.report_only, "shape.json", run_shape, write_shape_report)
     if args.until == "base":  # every later stage asks for the base it uses
         stage_base()
         return
@@ -219,6 +249,16 @@ def write_composition_report():
     body = report.composition_section(composition, _command_for(composition["base"]), composition.get("machine") or _machine(),
                                       datetime.date.today().isoformat(), companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
+
+
+def write_shape_report():
+    """Section 9 of REPORT.md from shape.json (report.shape_section)."""
+    import datetime
+    import report
+    result = json.loads((HERE / "shape.json").read_text())
+    body = report.shape_section(result, COMMAND + " --until shape", result.get("machine") or _machine(),
+                                datetime.date.today().isoformat())
+    report.replace_section(HERE / "REPORT.md", report.SHAPE_HEADING, body)
 
 
 def write_front_report():
@@ -296,6 +336,8 @@ def write_report(judge_path):
         write_composition_report()
     if (HERE / "front.json").is_file():
         write_front_report()
+    if (HERE / "shape.json").is_file():
+        write_shape_report()
 
 
 if __name__ == "__main__":
