@@ -297,3 +297,22 @@ def test_patch_code_encoder_computes_its_filters_exactly():
     means = patch_vae.mean_filters()
     assert torch.allclose(torch.nn.functional.conv2d(x, means, stride=8),
                           torch.nn.functional.avg_pool2d(x, 8) * patch_vae.MEAN_SCALE, atol=1e-6)
+
+
+def test_shape_report_reads_the_judges_on_decodes_and_every_seed():
+    import report
+    row = {"latent": "6x6x3", "description": "today", "n": 100, "train_seconds": 60.0, "accuracy_small": 0.5,
+           "accuracy_big": 0.7, "accuracy_star": 0.6, "accuracy_circle": 0.6, "accuracy_square": 0.6,
+           "accuracy_triangle": 0.6, "star_read_as_circle": 0.1, "circle_read_as_star": 0.2}
+    rows = [{**row, "candidate": "means8", "seed": 0, "accuracy": 0.61, "correct": 61},
+            {**row, "candidate": "means8", "seed": 1, "accuracy": 0.65, "correct": 65},
+            {**row, "candidate": "means4", "seed": 0, "accuracy": 0.97, "correct": 97}]
+    accuracies = {"shape": 0.412, "size": 0.9, "position": 0.9, "background": 0.9, "colour": 0.9}
+    vae = {"config": {"kind": "mosaic"}, "recon_l1_256": 0.03, "seconds": 0.0, "judge_seconds": 240.0,
+           "attribute_accuracy_vae": accuracies, "attribute_accuracy_clean": {**accuracies, "shape": 0.987},
+           "concept_accuracy_vae": {"tw_circle": 0.95, "tw_star": 0.9}}
+    text = report.shape_section({"config": {"train_scenes": 10, "test_scenes": 100, "epochs": 1, "train_seeds": [0, 1]},
+                                 "rows": rows, "seconds": 120.0, "vaes": {"mosaic": vae}}, "cmd", "machine", "today")
+    assert "61.0% [" in text and "65.0% [" in text  # every seed, with its interval
+    assert "today's latent (63.0%)" in text and "+34.0" in text  # 0.97 - mean(0.61, 0.65)
+    assert "41.2%" in text and "98.7%" not in text  # the judges on decodes, not on clean images

@@ -58,7 +58,10 @@ TWO_THREADS_BASE = {**UNSET_THREADS_BASE, "torch_threads": 2}
 # on to render a seventh. The default base also sees objects of random looks, captioned without a colour word
 # (world.world_scene), so that a concept's look is one it can render, as a real text-to-image model can.
 BASE_CONFIG = {**TWO_THREADS_BASE, "random_looks": 0.3}
-BASES = {"default": BASE_CONFIG, "two-threads": TWO_THREADS_BASE, "unset-threads": UNSET_THREADS_BASE}  # --base
+# The default base on the VAE that keeps four learned numbers per patch (§9): not built yet.
+PATCH_CODE_BASE = {**BASE_CONFIG, "vae": PATCH_CODE_VAE_CONFIG}
+BASES = {"default": BASE_CONFIG, "two-threads": TWO_THREADS_BASE, "unset-threads": UNSET_THREADS_BASE,
+         "patch-code": PATCH_CODE_BASE}  # --base
 base_config = BASE_CONFIG  # the base every stage uses (main sets it from --base)
 
 
@@ -114,7 +117,11 @@ def stage_base(cfg=None):
     t0 = time.time()
     vae = load_vae(stage_vae(cfg["vae"]))
     scenes, images = world.world_dataset(cfg["images"], cfg["data_seed"], cfg["two_objects"], cfg.get("random_looks", 0.0))
-    raw = base_model.mosaic_latents(images)  # = the mosaic TAESD's encoder, without running its zero convolutions
+    if cfg["vae"]["kind"] == "mosaic":  # = the TAESD's encoder, without running its zero convolutions
+        raw = base_model.mosaic_latents(images)
+    else:
+        import patch_vae
+        raw = patch_vae.patch_latents(vae, images)
     check = float((base_model.raw_latents(vae, images[:64]) - raw[:64]).abs().max())
     assert check < 0.01, check
     base_model.set_latent_statistics(vae, raw)
@@ -182,7 +189,7 @@ def main():
             shape.run_shape(HERE)
             shape.add_vaes(HERE, {name: (cfg, stage_vae(cfg).parent, judges.stage_judges(stage_vae(cfg)))
                                   for name, cfg in VAES.items()})
-        return _stage(args.report_only, "shape.json", run_shape, write_shape_report)
+        return _stage(args.report_only, "shape.json", run_shape, write_shape_report, uses_base=False)
     if args.until == "base":  # every later stage asks for the base it uses
         stage_base()
         return
@@ -197,7 +204,7 @@ def main():
     import experiments
 
     def judge_path():  # trained (or found in the cache) only by a stage that samples: --report-only needs none
-        return judges.stage_judges(stage_vae())
+        return judges.stage_judges(stage_vae(base_config["vae"]))
     if args.until == "judges":
         judge_path()
         return
@@ -212,7 +219,7 @@ def main():
     if args.until == "front":
         import front
         return _stage(args.report_only, "front.json",
-                      lambda: front.run_front(stage_base(), judge_path(), stage_vae(), HERE), write_front_report)
+                      lambda: front.run_front(stage_base(), judge_path(), stage_vae(base_config["vae"]), HERE), write_front_report)
     if not (args.report_only and (HERE / "results.json").is_file()):
         experiments.run_all(stage_base(), judge_path(), HERE)
         experiments.add_gate_inputs(stage_base(), HERE)
@@ -220,12 +227,12 @@ def main():
     log.info("all done in %.0f s", time.time() - start)
 
 
-def _stage(report_only: bool, results_name: str, run, write) -> None:
+def _stage(report_only: bool, results_name: str, run, write, uses_base: bool = True) -> None:
     """Run a stage (unless --report-only finds its results), stamp its results with the machine and the base it
     ran on (_record_machine), and write its section of REPORT.md."""
     if not (report_only and (HERE / results_name).is_file()):
         run()
-        _record_machine(HERE / results_name)
+        _record_machine(HERE / results_name, uses_base)
     write()
 
 
@@ -283,12 +290,13 @@ def _command_for(base_folder: str) -> str:
     return COMMAND + ("" if name == "default" else f" --base {name}")
 
 
-def _record_machine(results_file: Path) -> None:
-    """Add the machine the stage just ran on (its torch threads included) and its base model to its results,
-    for reports written later by another process."""
+def _record_machine(results_file: Path, uses_base: bool = True) -> None:
+    """Add the machine the stage just ran on (its torch threads included) and its base model, if it uses one, to
+    its results, for reports written later by another process."""
     results = json.loads(results_file.read_text())
     results["machine"] = _machine()
-    results["base"] = f"base-{cache.key(base_config)}"
+    if uses_base:
+        results["base"] = f"base-{cache.key(base_config)}"
     results_file.write_text(json.dumps(results, indent=1))
 
 

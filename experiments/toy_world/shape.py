@@ -66,7 +66,8 @@ class LearnedPatchCode(torch.nn.Module):
         return torch.cat([self.means(x), code], dim=1) if self.means is not None else code
 
 
-# name -> (latent shape, what it is, a builder of the module that turns an image into what the classifier sees)
+# name -> (latent shape, what it is, a builder of the module that turns an image into what the classifier sees,
+# the channels it gives the classifier)
 CANDIDATES = {
     "image": ("48x48x3", "the image itself (ceiling)", lambda: torch.nn.Identity(), 3),
     "means8": ("6x6x3", "today's latent: 8x8 patch means (the mosaic VAE)", lambda: PatchMeans(8), 3),
