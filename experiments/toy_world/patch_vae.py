@@ -97,9 +97,12 @@ def _start_decoder(decoder: torch.nn.Sequential, seed: int, noise: float = 0.1) 
             p.add_(mosaic[name])
 
 
-def train_patch_taesd(images: np.ndarray, masks: np.ndarray, steps: int, batch: int, lr: float, seed: int):
+def train_patch_taesd(images: np.ndarray, masks: np.ndarray, steps: int, batch: int, lr: float, seed: int,
+                      shape_labels: torch.Tensor | None = None, shape_weight: float = 0.0):
     """The TAESD described above, trained on `images` [N, 48, 48, 3] whose objects cover `masks` [N, 48, 48];
-    returns it and the losses (weighted L1)."""
+    returns it and the losses (weighted L1). With shape_weight > 0, a shape classifier (the judges' network) reads
+    the latent during training and its cross-entropy on `shape_labels` (-1: no single object) is added with that
+    weight, so that the filters keep shape (reconstruction alone kept no more than the colour means, REPORT §9)."""
     from comfy.taesd.taesd import TAESD
     vae = TAESD()
     _start_decoder(vae.taesd_decoder, seed)
@@ -111,6 +114,12 @@ def train_patch_taesd(images: np.ndarray, masks: np.ndarray, steps: int, batch: 
     bias = torch.nn.Parameter(torch.zeros(4))
     decoder = vae.taesd_decoder.train()
     parameters = list(decoder.parameters()) + [filters, bias]
+    if shape_weight:
+        import judges
+        torch.manual_seed(seed)
+        classifier = judges._Net(int(shape_labels.max()) + 1, in_channels=4).train()
+        parameters += list(classifier.parameters())
+        cross_entropy = torch.nn.CrossEntropyLoss(ignore_index=-1)
     opt = torch.optim.Adam(parameters, lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -120,12 +129,16 @@ def train_patch_taesd(images: np.ndarray, masks: np.ndarray, steps: int, batch: 
         index = torch.randint(len(x_all), (batch,), generator=g)
         x, weight = x_all[index], weight_all[index]
         latent = torch.nn.functional.conv2d(x, filters * unit, bias, stride=PATCH)
-        loss = ((decoder(latent) - x).abs() * weight).mean() / weight.mean()
+        l1 = ((decoder(latent) - x).abs() * weight).mean() / weight.mean()
+        loss = l1
+        if shape_weight and (shape_labels[index] >= 0).any():
+            loss = loss + shape_weight * cross_entropy(classifier(torch.nn.functional.interpolate(latent, scale_factor=PATCH)),
+                                                       shape_labels[index])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(l1.item())
         if step % 100 == 0 or step == steps - 1:
             log.info("patch-code TAESD step %d/%d L1 %.4f (%.0f s)", step + 1, steps, np.mean(losses[-100:]),
                      time.time() - start)

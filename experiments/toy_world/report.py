@@ -710,14 +710,14 @@ def shape_section(result: dict, command: str, machine: str, date: str) -> str:
                      f"{_pct(mean(rs, 'accuracy_circle'))} | {_pct(mean(rs, 'star_read_as_circle'))} | "
                      f"{_pct(mean(rs, 'circle_read_as_star'))} |")
     today = mean([r for r in rows if r["candidate"] == "means8"], "accuracy")
-    gains = ", ".join(f"{shape.CANDIDATES[name][1]} {100 * (mean([r for r in rows if r['candidate'] == name], 'accuracy') - today):+.1f}"
-                      for name in candidates if name != "means8")
+    by_name = {name: [r for r in rows if r["candidate"] == name] for name in candidates}
+    gains = ", ".join(f"{rs[0]['description']} {100 * (mean(rs, 'accuracy') - today):+.1f}"
+                      for name, rs in by_name.items() if name != "means8")
     lines += ["", f"Mean over seeds against today's latent ({today:.1%}), in points: {gains}.", ""]
     if result.get("vaes"):
         lines += _shape_vae_lines(result["vaes"])
     lines += ["Wall time of the candidates: {:.1f} min ({}).".format(result["seconds"] / 60, ", ".join(
-                  f"{name} {mean([r for r in rows if r['candidate'] == name], 'train_seconds') / 60:.1f} min per training"
-                  for name in candidates)), ""]
+                  f"{name} {mean(rs, 'train_seconds') / 60:.1f} min per training" for name, rs in by_name.items())), ""]
     return "\n".join(lines)
 
 
@@ -732,7 +732,7 @@ def _shape_vae_lines(vaes: dict) -> list[str]:
              "|---|---|" + "---|" * (len(heads) + len(concepts) + 2)]
     for name, v in vaes.items():
         attribute, concept = v["attribute_accuracy_vae"], v["concept_accuracy_vae"]
-        lines.append(f"| {name} ({v['config']['kind']}) | {v['recon_l1_256']:.4f} | "
+        lines.append(f"| {name} | {v['recon_l1_256']:.4f} | "
                      + " | ".join(f"{attribute[h]:.1%}" for h in heads) + " | "
                      + " | ".join(f"{concept[c]:.1%}" for c in concepts)
                      + f" | {v['seconds'] / 60:.1f} min | {v['judge_seconds'] / 60:.1f} min |")

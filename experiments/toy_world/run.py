@@ -40,11 +40,13 @@ VERSION = 1  # bump to invalidate every cached stage
 COMMAND = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"  # as the report cites it
 
 VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
-# A VAE whose latent is 4 learned linear functions of each 8x8 patch (patch_vae.py; REPORT.md §9); no base model
-# uses it yet. It trains with 2 torch threads on 6,000 scenes with random looks.
-PATCH_CODE_VAE_CONFIG = {**VAE_CONFIG, "kind": "patch-code", "images": 6000, "data_seed": 5, "steps": 1500,
-                         "batch": 32, "lr": 1e-3, "torch_threads": 2}
-VAES = {"mosaic": VAE_CONFIG, "patch-code": PATCH_CODE_VAE_CONFIG}
+# VAEs whose latent is 4 learned linear functions of each 8x8 patch (patch_vae.py; REPORT.md §9); no base model
+# uses them yet. They train with 2 torch threads on 6,000 scenes with random looks: on reconstruction alone
+# (RECONSTRUCTION_VAE_CONFIG), or with a shape classifier reading the latent (PATCH_CODE_VAE_CONFIG).
+RECONSTRUCTION_VAE_CONFIG = {**VAE_CONFIG, "kind": "patch-code", "images": 6000, "data_seed": 5, "steps": 1500,
+                             "batch": 32, "lr": 1e-3, "torch_threads": 2}
+PATCH_CODE_VAE_CONFIG = {**RECONSTRUCTION_VAE_CONFIG, "shape_weight": 0.1}
+VAES = {"mosaic": VAE_CONFIG, "patch-code-reconstruction": RECONSTRUCTION_VAE_CONFIG, "patch-code": PATCH_CODE_VAE_CONFIG}
 # The base UNet's weights depend on the torch thread count it trains with (the order of float sums), and so
 # does what it can learn: the 2026-11-28 base (2 threads) rendered the held-out circle recognisably after 250
 # steps, the base rebuilt on 2026-12-03 with 1 thread from the same config did not (REPORT.md §8), nor did one
@@ -86,8 +88,10 @@ def stage_vae(cfg=VAE_CONFIG):
         masks = np.stack([world.object_mask(s) for s in scenes])
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg["torch_threads"])
+        labels = torch.tensor([world.SHAPES.index(s.labels["shape"]) if s.labels["n_objects"] == 1 else -1
+                               for s in scenes])
         vae, stats["losses"] = patch_vae.train_patch_taesd(images, masks, cfg["steps"], cfg["batch"], cfg["lr"],
-                                                           cfg["seed"])
+                                                           cfg["seed"], labels, cfg.get("shape_weight", 0.0))
         torch.set_num_threads(threads)
     safetensors.torch.save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(path))
     _, images = world.generic_dataset(256, cfg["seed"])
@@ -189,6 +193,10 @@ def main():
             shape.run_shape(HERE)
             shape.add_vaes(HERE, {name: (cfg, stage_vae(cfg).parent, judges.stage_judges(stage_vae(cfg)))
                                   for name, cfg in VAES.items()})
+            for name, cfg in VAES.items():
+                if cfg["kind"] == "patch-code":
+                    shape.add_vae_candidates(HERE, name, cfg, load_vae(stage_vae(cfg)))
+            shape_figure(HERE / "figures" / "shape_decodes.png")
         return _stage(args.report_only, "shape.json", run_shape, write_shape_report, uses_base=False)
     if args.until == "base":  # every later stage asks for the base it uses
         stage_base()
@@ -256,6 +264,25 @@ def write_composition_report():
     body = report.composition_section(composition, _command_for(composition["base"]), composition.get("machine") or _machine(),
                                       datetime.date.today().isoformat(), companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
+
+
+def shape_figure(path: Path) -> None:
+    """One big object of each shape and the two concepts, as rendered and as each VAE of VAES decodes them."""
+    import numpy
+    import base_model
+    import report
+    import world
+    scenes, images = world.world_dataset(400, seed=2)
+    chosen = [next(i for i, s in enumerate(scenes) if len(s.objects) == 1 and s.objects[0].shape == shape
+                   and s.objects[0].size_word == "big") for shape in world.SHAPES]
+    named = [(f"{s.objects[0].shape}", im) for s, im in zip([scenes[i] for i in chosen], images[chosen])]
+    named += [(name, world.render(world.concept_training_scenes(name, seed=7)[0])) for name in sorted(world.CONCEPTS)]
+    originals = numpy.stack([im for _, im in named])
+    items = [(f"{name}, rendered", im) for name, im in named]
+    for vae_name, cfg in VAES.items():
+        decoded = base_model.reconstruct(load_vae(stage_vae(cfg)), originals)
+        items += [(f"{name}, {vae_name} VAE", im) for (name, _), im in zip(named, decoded)]
+    report.image_grid(items, len(named), path, caption_lines=2)
 
 
 def write_shape_report():

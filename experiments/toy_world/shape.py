@@ -66,6 +66,19 @@ class LearnedPatchCode(torch.nn.Module):
         return torch.cat([self.means(x), code], dim=1) if self.means is not None else code
 
 
+class FixedPatchCode(torch.nn.Module):
+    """A VAE's latent (4 linear 8x8 patch filters, patch_vae.read_filters), nearest-upsampled back."""
+
+    def __init__(self, filters: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("filters", filters)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        latent = torch.nn.functional.conv2d(x, self.filters, self.bias, stride=8)
+        return torch.nn.functional.interpolate(latent, scale_factor=8)
+
+
 # name -> (latent shape, what it is, a builder of the module that turns an image into what the classifier sees,
 # the channels it gives the classifier)
 CANDIDATES = {
@@ -122,21 +135,58 @@ def run_shape(out_dir: Path, cfg: dict = CONFIG) -> dict:
     t0 = time.time()
     train_scenes, train_images, train_labels = single_object_scenes(cfg["train_scenes"], cfg["data_seed"])
     test_scenes, test_images, test_labels = single_object_scenes(cfg["test_scenes"], cfg["data_seed"] + 1000)
-    ce = torch.nn.CrossEntropyLoss()
-    rows = []
-    for name, (latent, description, build, channels) in CANDIDATES.items():
-        for seed in cfg["train_seeds"]:
-            torch.manual_seed(seed)
-            net = torch.nn.Sequential(build(), judges._Net(len(SHAPES), in_channels=channels))
-            start = time.time()
-            judges._train(net, lambda logits, index: ce(logits, train_labels[index]), train_images, cfg["epochs"],
-                          cfg["batch"], cfg["lr"], seed, f"shape/{name}")
-            rows.append({"candidate": name, "latent": latent, "description": description, "seed": seed,
-                         "train_seconds": time.time() - start, **evaluate(net.eval(), test_images, test_labels, test_scenes)})
-            log.info("%s seed %d: shape accuracy %.3f", name, seed, rows[-1]["accuracy"])
+    rows = [row for name, candidate in CANDIDATES.items()
+            for row in _train_and_test(name, candidate, cfg, train_images, train_labels, test_scenes, test_images,
+                                       test_labels)]
     result = {"config": cfg, "rows": rows, "seconds": time.time() - t0}
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _train_and_test(name, candidate, cfg, train_images, train_labels, test_scenes, test_images, test_labels) -> list:
+    """One row per training seed: the shape classifier trained through `candidate` and tested on held-out scenes."""
+    latent, description, build, channels = candidate
+    ce = torch.nn.CrossEntropyLoss()
+    rows = []
+    for seed in cfg["train_seeds"]:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(build(), judges._Net(len(SHAPES), in_channels=channels))
+        start = time.time()
+        judges._train(net, lambda logits, index: ce(logits, train_labels[index]), train_images, cfg["epochs"],
+                      cfg["batch"], cfg["lr"], seed, f"shape/{name}")
+        rows.append({"candidate": name, "latent": latent, "description": description, "seed": seed,
+                     "train_seconds": time.time() - start, **evaluate(net.eval(), test_images, test_labels, test_scenes)})
+        log.info("%s seed %d: shape accuracy %.3f", name, seed, rows[-1]["accuracy"])
+    return rows
+
+
+def add_vae_candidates(out_dir: Path, name: str, vae_config: dict, vae, cfg: dict = CONFIG) -> None:
+    """Rows for a trained patch-code VAE (patch_vae.py) in shape.json: the classifier through its latent and
+    through its decodes, which tells a latent that lacks shape from a decoder that does not render it. Rows of
+    the same VAE (its config's cache key) are kept; rows of an earlier VAE of that name are replaced."""
+    import base_model
+    import cache
+    import patch_vae
+    path = out_dir / "shape.json"
+    result = json.loads(path.read_text())
+    train_scenes, train_images, train_labels = single_object_scenes(cfg["train_scenes"], cfg["data_seed"])
+    test_scenes, test_images, test_labels = single_object_scenes(cfg["test_scenes"], cfg["data_seed"] + 1000)
+    filters, bias = patch_vae.read_filters(vae.taesd_encoder)
+    # name -> (candidate, what the classifier is trained and tested on): the decodes are computed once (the
+    # training noise of judges._train then falls on the decoded image, not on the scene)
+    candidates = {f"{name} latent": (("6x6x4", f"the {name} VAE's latent (its 4 trained filters)",
+                                      lambda: FixedPatchCode(filters, bias), 4), lambda images: images),
+                  f"{name} decodes": (("48x48x3", f"the {name} VAE's decodes", lambda: torch.nn.Identity(), 3),
+                                      lambda images: base_model.reconstruct(vae, images))}
+    key = cache.key(vae_config)
+    for candidate_name, (candidate, seen) in candidates.items():
+        if any(r["candidate"] == candidate_name and r.get("vae") == key for r in result["rows"]):
+            continue
+        result["rows"] = [r for r in result["rows"] if r["candidate"] != candidate_name]
+        result["rows"] += [{**row, "vae": key} for row in _train_and_test(
+            candidate_name, candidate, cfg, seen(train_images), train_labels, test_scenes, seen(test_images),
+            test_labels)]
+    path.write_text(json.dumps(result, indent=1))
 
 
 def add_vaes(out_dir: Path, vaes: dict) -> None:
