@@ -716,7 +716,9 @@ def shape_section(result: dict, command: str, machine: str, date: str) -> str:
     lines += ["", f"Mean over seeds against today's latent ({today:.1%}), in points: {gains}.", ""]
     if result.get("vaes"):
         lines += _shape_vae_lines(result["vaes"])
-    lines += ["Wall time of the candidates: {:.1f} min ({}).".format(result["seconds"] / 60, ", ".join(
+        lines += ["One big object of each shape and the two concepts, as rendered and as each VAE decodes them "
+                  "(run.shape_figure):", "", "![decodes](figures/shape_decodes.png)", ""]
+    lines += ["Wall time: {:.1f} min for the first five candidates; per training: {}.".format(result["seconds"] / 60, ", ".join(
                   f"{name} {mean(rs, 'train_seconds') / 60:.1f} min per training" for name, rs in by_name.items())), ""]
     return "\n".join(lines)
 
@@ -725,8 +727,8 @@ def _shape_vae_lines(vaes: dict) -> list[str]:
     """The judges of §3 retrained through each VAE (judges.stage_judges) and read on its decodes of held-out scenes."""
     heads = ("shape", "size", "position", "background", "colour")
     concepts = sorted(next(iter(vaes.values()))["concept_accuracy_vae"])
-    lines = ["What each VAE keeps, read by the judges of §3 retrained through it (`--only judges --vae <name>`) on its "
-             "decodes of held-out scenes (chance for shape: 25%):", "",
+    lines = ["What each VAE keeps, read by the judges of §3 retrained through it (judges.stage_judges, as `--only judges "
+             "--vae <name>` runs it) on its decodes of held-out scenes (chance for shape: 25%):", "",
              "| VAE | reconstruction L1 (256 scenes) | " + " | ".join(heads) + " | "
              + " | ".join(f"concept judge: {c}" for c in concepts) + " | VAE training | judges |",
              "|---|---|" + "---|" * (len(heads) + len(concepts) + 2)]
