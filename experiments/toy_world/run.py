@@ -42,11 +42,14 @@ COMMAND = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy
 VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
 # VAEs whose latent is 4 learned linear functions of each 8x8 patch (patch_vae.py; REPORT.md §9); no base model
 # uses them yet. They train with 2 torch threads on 6,000 scenes with random looks: on reconstruction alone
-# (RECONSTRUCTION_VAE_CONFIG), or with a shape classifier reading the latent (PATCH_CODE_VAE_CONFIG).
+# (RECONSTRUCTION_VAE_CONFIG), or with a shape classifier reading the latent (PATCH_CODE_VAE_CONFIG, weight 0.1;
+# STRONG_SHAPE_VAE_CONFIG, weight 1).
 RECONSTRUCTION_VAE_CONFIG = {**VAE_CONFIG, "kind": "patch-code", "images": 6000, "data_seed": 5, "steps": 1500,
                              "batch": 32, "lr": 1e-3, "torch_threads": 2}
 PATCH_CODE_VAE_CONFIG = {**RECONSTRUCTION_VAE_CONFIG, "shape_weight": 0.1}
-VAES = {"mosaic": VAE_CONFIG, "patch-code-reconstruction": RECONSTRUCTION_VAE_CONFIG, "patch-code": PATCH_CODE_VAE_CONFIG}
+STRONG_SHAPE_VAE_CONFIG = {**RECONSTRUCTION_VAE_CONFIG, "shape_weight": 1.0}
+VAES = {"mosaic": VAE_CONFIG, "patch-code-reconstruction": RECONSTRUCTION_VAE_CONFIG, "patch-code": PATCH_CODE_VAE_CONFIG,
+        "patch-code-shape-1": STRONG_SHAPE_VAE_CONFIG}
 # The base UNet's weights depend on the torch thread count it trains with (the order of float sums), and so
 # does what it can learn: the 2026-11-28 base (2 threads) rendered the held-out circle recognisably after 250
 # steps, the base rebuilt on 2026-12-03 with 1 thread from the same config did not (REPORT.md §8), nor did one
