@@ -701,16 +701,15 @@ def shape_section(result: dict, command: str, machine: str, date: str) -> str:
              "| latent | what | shape accuracy per seed [95% Wilson interval] | small | big | star | circle | "
              "star read as circle | circle read as star |", "|---|---|---|---|---|---|---|---|---|"]
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-    for name in candidates:
-        rs = [r for r in rows if r["candidate"] == name]
+    by_name = {name: [r for r in rows if r["candidate"] == name] for name in candidates}
+    for rs in by_name.values():
         per_seed = ", ".join("{:.1%} [{:.1%}, {:.1%}]".format(r["accuracy"], *shape.wilson(r["correct"], r["n"]))
                              for r in rs)
         lines.append(f"| {rs[0]['latent']} | {rs[0]['description']} | {per_seed} | {_pct(mean(rs, 'accuracy_small'))} | "
                      f"{_pct(mean(rs, 'accuracy_big'))} | {_pct(mean(rs, 'accuracy_star'))} | "
                      f"{_pct(mean(rs, 'accuracy_circle'))} | {_pct(mean(rs, 'star_read_as_circle'))} | "
                      f"{_pct(mean(rs, 'circle_read_as_star'))} |")
-    today = mean([r for r in rows if r["candidate"] == "means8"], "accuracy")
-    by_name = {name: [r for r in rows if r["candidate"] == name] for name in candidates}
+    today = mean(by_name["means8"], "accuracy")
     gains = ", ".join(f"{rs[0]['description']} {100 * (mean(rs, 'accuracy') - today):+.1f}"
                       for name, rs in by_name.items() if name != "means8")
     lines += ["", f"Mean over seeds against today's latent ({today:.1%}), in points: {gains}.", ""]

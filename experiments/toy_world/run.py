@@ -20,6 +20,7 @@ Stages, each cached in ~/.cache/comfyui-perfusion/toy_world/<stage>-<config hash
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -89,19 +90,30 @@ def stage_vae(cfg=VAE_CONFIG):
         import patch_vae
         scenes, images = world.generic_dataset(cfg["images"], cfg["data_seed"])
         masks = np.stack([world.object_mask(s) for s in scenes])
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg["torch_threads"])
         labels = torch.tensor([world.SHAPES.index(s.labels["shape"]) if s.labels["n_objects"] == 1 else -1
                                for s in scenes])
-        vae, stats["losses"] = patch_vae.train_patch_taesd(images, masks, cfg["steps"], cfg["batch"], cfg["lr"],
-                                                           cfg["seed"], labels, cfg.get("shape_weight", 0.0))
-        torch.set_num_threads(threads)
+        with _torch_threads(cfg["torch_threads"]):
+            vae, stats["losses"] = patch_vae.train_patch_taesd(images, masks, cfg["steps"], cfg["batch"], cfg["lr"],
+                                                               cfg["seed"], labels, cfg.get("shape_weight", 0.0))
     safetensors.torch.save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(path))
     _, images = world.generic_dataset(256, cfg["seed"])
     err = float(abs(base_model.reconstruct(vae, images) - images).mean())
     (folder / "stats.json").write_text(json.dumps({"seconds": time.time() - t0, "recon_l1_256": err, **stats}))
     log.info("VAE (%s TAESD) reconstruction L1 %.4f", cfg["kind"], err)
     return path
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None):
+    """Train with `count` torch threads (None: as set), restored after; yields the count in effect. A stage's
+    weights depend on it (the order of float sums), so configs that record it train with it."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_vae(path):
@@ -143,16 +155,14 @@ def stage_base(cfg=None):
     empty = torch.tensor(contexts.token_ids(""))
     model = base_model.build_unet_model(cfg["unet_seed"])
     t1 = time.time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.get("torch_threads", threads))
-    ema, losses = base_model.train_unet(model, latents, ids, empty, contexts, cfg["steps"], cfg["batch"],
-                                        cfg["unet_seed"], cfg["lr"], cfg["uncond_rate"], cfg["ema"])
+    with _torch_threads(cfg.get("torch_threads")) as threads:
+        ema, losses = base_model.train_unet(model, latents, ids, empty, contexts, cfg["steps"], cfg["batch"],
+                                            cfg["unet_seed"], cfg["lr"], cfg["uncond_rate"], cfg["ema"])
     train_s = time.time() - t1
-    torch.set_num_threads(threads)
     base_model.save_checkpoint(path, model, ema, clip, vae)
     (folder / "stats.json").write_text(json.dumps({"seconds": time.time() - t0, "unet_train_seconds": train_s,
                                                    "context_check_max_diff": diff, "losses": losses,
-                                                   "torch_threads": cfg.get("torch_threads", threads)}))
+                                                   "torch_threads": threads}))
     log.info("base model done in %.0f s -> %s", time.time() - t0, path)
     return path
 

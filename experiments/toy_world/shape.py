@@ -22,6 +22,7 @@ the judges read on the decodes of each VAE of run.py (the mosaic one and patch_v
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -101,6 +102,13 @@ def single_object_scenes(n: int, seed: int):
     return [scenes[i] for i in single], images[single], labels
 
 
+@functools.lru_cache(maxsize=1)
+def train_and_test_scenes(train_scenes: int, test_scenes: int, data_seed: int):
+    """The classifier's training and held-out scenes of a config (single_object_scenes of each), rendered once
+    per process for every candidate and VAE."""
+    return single_object_scenes(train_scenes, data_seed), single_object_scenes(test_scenes, data_seed + 1000)
+
+
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The 95% Wilson score interval of a binomial proportion."""
     p = successes / n
@@ -133,8 +141,8 @@ def run_shape(out_dir: Path, cfg: dict = CONFIG) -> dict:
     if path.is_file() and json.loads(path.read_text()).get("config") == cfg:
         return json.loads(path.read_text())
     t0 = time.time()
-    train_scenes, train_images, train_labels = single_object_scenes(cfg["train_scenes"], cfg["data_seed"])
-    test_scenes, test_images, test_labels = single_object_scenes(cfg["test_scenes"], cfg["data_seed"] + 1000)
+    (_, train_images, train_labels), (test_scenes, test_images, test_labels) = train_and_test_scenes(
+        cfg["train_scenes"], cfg["test_scenes"], cfg["data_seed"])
     rows = [row for name, candidate in CANDIDATES.items()
             for row in _train_and_test(name, candidate, cfg, train_images, train_labels, test_scenes, test_images,
                                        test_labels)]
@@ -169,8 +177,8 @@ def add_vae_candidates(out_dir: Path, name: str, vae_config: dict, vae, cfg: dic
     import patch_vae
     path = out_dir / "shape.json"
     result = json.loads(path.read_text())
-    train_scenes, train_images, train_labels = single_object_scenes(cfg["train_scenes"], cfg["data_seed"])
-    test_scenes, test_images, test_labels = single_object_scenes(cfg["test_scenes"], cfg["data_seed"] + 1000)
+    (_, train_images, train_labels), (test_scenes, test_images, test_labels) = train_and_test_scenes(
+        cfg["train_scenes"], cfg["test_scenes"], cfg["data_seed"])
     filters, bias = patch_vae.read_filters(vae.taesd_encoder)
     # name -> (candidate, what the classifier is trained and tested on): the decodes are computed once (the
     # training noise of judges._train then falls on the decoded image, not on the scene)
