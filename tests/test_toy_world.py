@@ -299,6 +299,33 @@ def test_patch_code_encoder_computes_its_filters_exactly():
                           torch.nn.functional.avg_pool2d(x, 8) * patch_vae.MEAN_SCALE, atol=1e-6)
 
 
+@pytest.mark.host
+def test_patch_code_filters_train_at_their_own_rate_and_their_movement_is_measured():
+    """The filters of a patch-code VAE move at filter_lr (REPORT §9: at the decoder's lr they hardly moved), the
+    decoder's rate is left alone, and filter_movement measures the distance from the filters' real start (a
+    movement that ignores the seed of filter 3's random start is caught)."""
+    import torch
+    from comfy.taesd.taesd import TAESD
+    import patch_vae
+    rng = np.random.default_rng(0)
+    images, masks = rng.random((4, 48, 48, 3), dtype=np.float32), (rng.random((4, 48, 48)) > 0.5).astype(np.float32)
+    encoder = TAESD().taesd_encoder
+    patch_vae.set_patch_encoder(encoder, patch_vae.start_filters(7) * patch_vae._UNIT, torch.zeros(4))
+    assert patch_vae.filter_movement(encoder, 7) == [0.0] * 4
+    assert patch_vae.filter_movement(encoder, 8)[3] > 1.0  # another seed's random filter 3
+    decoder_start = TAESD().taesd_decoder
+    patch_vae._start_decoder(decoder_start, 7)
+    moved = {}
+    for filter_lr in (None, 3e-2):
+        vae, _ = patch_vae.train_patch_taesd(images, masks, steps=3, batch=2, lr=1e-3, seed=7, filter_lr=filter_lr)
+        moved[filter_lr] = patch_vae.filter_movement(vae.taesd_encoder, 7)
+        # the first conv after the input clamp: Adam's first steps move each weight by about lr, whatever the filters
+        moved[filter_lr, "decoder"] = float((vae.taesd_decoder[1].weight - decoder_start[1].weight).detach().norm())
+    assert all(0 < m < 0.01 for m in moved[None])
+    assert all(fast > 10 * slow for fast, slow in zip(moved[3e-2], moved[None]))
+    assert moved[3e-2, "decoder"] == pytest.approx(moved[None, "decoder"], rel=0.2)
+
+
 def test_shape_report_reads_the_judges_on_decodes_and_every_seed():
     import report
     row = {"latent": "6x6x3", "description": "today", "n": 100, "train_seconds": 60.0, "accuracy_small": 0.5,
@@ -311,8 +338,12 @@ def test_shape_report_reads_the_judges_on_decodes_and_every_seed():
     vae = {"config": {"kind": "mosaic"}, "recon_l1_256": 0.03, "seconds": 0.0, "judge_seconds": 240.0,
            "attribute_accuracy_vae": accuracies, "attribute_accuracy_clean": {**accuracies, "shape": 0.987},
            "concept_accuracy_vae": {"tw_circle": 0.95, "tw_star": 0.9}}
+    fast = {**vae, "config": {"kind": "patch-code", "lr": 1e-3, "filter_lr": 0.03},
+            "filter_movement": [0.014, 0.021, 0.5, 0.16]}
     text = report.shape_section({"config": {"train_scenes": 10, "test_scenes": 100, "epochs": 1, "train_seeds": [0, 1]},
-                                 "rows": rows, "seconds": 120.0, "vaes": {"mosaic": vae}}, "cmd", "machine", "today")
+                                 "rows": rows, "seconds": 120.0, "vaes": {"mosaic": vae, "fast": fast}},
+                                "cmd", "machine", "today")
+    assert "| fast | 0.03 | 1.4% / 2.1% / 50.0% / 16.0% |" in text  # its filters' own rate, and how far they moved
     assert "61.0% [" in text and "65.0% [" in text  # every seed, with its interval
     assert "today's latent (63.0%)" in text and "+34.0" in text  # 0.97 - mean(0.61, 0.65)
     assert "41.2%" in text and "98.7%" not in text  # the judges on decodes, not on clean images

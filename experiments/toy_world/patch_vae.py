@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PATCH = 8
 MEAN_SCALE = 0.25  # channels 0-2 hold RGB mean / 4, so the decoder's input clamp tanh(x/3)*3 stays near linear
 OBJECT_WEIGHT = 5.0
+_UNIT = MEAN_SCALE / PATCH ** 2  # a mean filter's entry: the unit the trained filters are parametrised in
 
 
 def mean_filters() -> torch.Tensor:
@@ -97,38 +98,58 @@ def _start_decoder(decoder: torch.nn.Sequential, seed: int, noise: float = 0.1) 
             p.add_(mosaic[name])
 
 
+def start_filters(seed: int) -> torch.Tensor:
+    """The four filters a VAE's training starts from, in units of a mean filter's entry (MEAN_SCALE / 64):
+    filters 0-2 the colour means, filter 3 random (the first draw of the training's generator)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([mean_filters() / _UNIT, torch.randn(1, 3, PATCH, PATCH, generator=g)])
+
+
+def filter_movement(encoder, seed: int) -> list[float]:
+    """How far each of a trained encoder's filters moved from where its training started (start_filters):
+    |final - start| / |start| per filter. Training that barely moves them leaves the colour means (REPORT §9)."""
+    filters, _ = read_filters(encoder)
+    start = start_filters(seed) * _UNIT
+    return [float((filters[f] - start[f]).norm() / start[f].norm()) for f in range(len(start))]
+
+
 def train_patch_taesd(images: np.ndarray, masks: np.ndarray, steps: int, batch: int, lr: float, seed: int,
-                      shape_labels: torch.Tensor | None = None, shape_weight: float = 0.0):
+                      shape_labels: torch.Tensor | None = None, shape_weight: float = 0.0,
+                      filter_lr: float | None = None):
     """The TAESD described above, trained on `images` [N, 48, 48, 3] whose objects cover `masks` [N, 48, 48];
     returns it and the losses (weighted L1). With shape_weight > 0, a shape classifier (the judges' network) reads
     the latent during training and its cross-entropy on `shape_labels` (-1: no single object) is added with that
-    weight, so that the filters keep shape (reconstruction alone kept no more than the colour means, REPORT §9)."""
+    weight, so that the filters keep shape (reconstruction alone kept no more than the colour means, REPORT §9).
+    filter_lr is the filters' own peak learning rate, in units of a mean filter's entry
+    (default: lr): at lr 1e-3 Adam moves them by about 0.1% of an entry per step, and 1,500 steps left them within
+    1-7% of their start (REPORT §9)."""
     from comfy.taesd.taesd import TAESD
     vae = TAESD()
     _start_decoder(vae.taesd_decoder, seed)
-    # The encoder's four filters, in units of a mean filter's entry (MEAN_SCALE / 64), so that Adam's steps (about
-    # lr per weight) change them by a share of their size: filters 0-2 start as the colour means, filter 3 random.
-    unit = MEAN_SCALE / PATCH ** 2
+    # The encoder's four filters, in units of a mean filter's entry, so that Adam's steps (about the learning rate
+    # per weight) change them by a share of their size.
+    filters = torch.nn.Parameter(start_filters(seed))
     g = torch.Generator().manual_seed(seed)
-    filters = torch.nn.Parameter(torch.cat([mean_filters() / unit, torch.randn(1, 3, PATCH, PATCH, generator=g)]))
+    torch.randn(1, 3, PATCH, PATCH, generator=g)  # start_filters' draw: the batches follow it, as they always did
     bias = torch.nn.Parameter(torch.zeros(4))
     decoder = vae.taesd_decoder.train()
-    parameters = list(decoder.parameters()) + [filters, bias]
+    parameters = list(decoder.parameters()) + [bias]
     if shape_weight:
         import judges
         torch.manual_seed(seed)
         classifier = judges._Net(int(shape_labels.max()) + 1, in_channels=4).train()
         parameters += list(classifier.parameters())
         cross_entropy = torch.nn.CrossEntropyLoss(ignore_index=-1)
-    opt = torch.optim.Adam(parameters, lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    filter_lr = filter_lr or lr
+    opt = torch.optim.Adam([{"params": parameters, "lr": lr}, {"params": [filters], "lr": filter_lr}])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, filter_lr], total_steps=steps, pct_start=0.1)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     weight_all = 1.0 + (OBJECT_WEIGHT - 1.0) * torch.from_numpy(masks)[:, None]
     losses, start = [], time.time()
     for step in range(steps):
         index = torch.randint(len(x_all), (batch,), generator=g)
         x, weight = x_all[index], weight_all[index]
-        latent = torch.nn.functional.conv2d(x, filters * unit, bias, stride=PATCH)
+        latent = torch.nn.functional.conv2d(x, filters * _UNIT, bias, stride=PATCH)
         l1 = ((decoder(latent) - x).abs() * weight).mean() / weight.mean()
         loss = l1
         if shape_weight and (shape_labels[index] >= 0).any():
@@ -142,7 +163,7 @@ def train_patch_taesd(images: np.ndarray, masks: np.ndarray, steps: int, batch: 
         if step % 100 == 0 or step == steps - 1:
             log.info("patch-code TAESD step %d/%d L1 %.4f (%.0f s)", step + 1, steps, np.mean(losses[-100:]),
                      time.time() - start)
-    set_patch_encoder(vae.taesd_encoder, (filters * unit).detach(), bias.detach())
+    set_patch_encoder(vae.taesd_encoder, (filters * _UNIT).detach(), bias.detach())
     vae.vae_scale.data.fill_(1.0)
     vae.vae_shift.data.zero_()
     return vae.eval(), losses

@@ -727,13 +727,18 @@ def _shape_vae_lines(vaes: dict) -> list[str]:
     heads = ("shape", "size", "position", "background", "colour")
     concepts = sorted(next(iter(vaes.values()))["concept_accuracy_vae"])
     lines = ["What each VAE keeps, read by the judges of §3 retrained through it (judges.stage_judges, as `--only judges "
-             "--vae <name>` runs it) on its decodes of held-out scenes (chance for shape: 25%):", "",
-             "| VAE | reconstruction L1 (256 scenes) | " + " | ".join(heads) + " | "
-             + " | ".join(f"concept judge: {c}" for c in concepts) + " | VAE training | judges |",
-             "|---|---|" + "---|" * (len(heads) + len(concepts) + 2)]
+             "--vae <name>` runs it) on its decodes of held-out scenes (chance for shape: 25%). A patch-code VAE's filters "
+             "start as the colour means and one random filter; how far each moved in training is |final - start| / "
+             "|start| (patch_vae.filter_movement), and its learning rate is in units of a mean filter's entry:", "",
+             "| VAE | filter learning rate | filters 0-3 moved | reconstruction L1 (256 scenes) | " + " | ".join(heads)
+             + " | " + " | ".join(f"concept judge: {c}" for c in concepts) + " | VAE training | judges |",
+             "|---|---|---|---|" + "---|" * (len(heads) + len(concepts) + 2)]
     for name, v in vaes.items():
         attribute, concept = v["attribute_accuracy_vae"], v["concept_accuracy_vae"]
-        lines.append(f"| {name} | {v['recon_l1_256']:.4f} | "
+        config = v["config"]
+        filter_lr = config.get("filter_lr", config.get("lr")) if config["kind"] == "patch-code" else None
+        moved = " / ".join(f"{m:.1%}" for m in v["filter_movement"]) if v.get("filter_movement") else "-"
+        lines.append(f"| {name} | {filter_lr if filter_lr else '-'} | {moved} | {v['recon_l1_256']:.4f} | "
                      + " | ".join(f"{attribute[h]:.1%}" for h in heads) + " | "
                      + " | ".join(f"{concept[c]:.1%}" for c in concepts)
                      + f" | {v['seconds'] / 60:.1f} min | {v['judge_seconds'] / 60:.1f} min |")

@@ -199,16 +199,18 @@ def add_vae_candidates(out_dir: Path, name: str, vae_config: dict, vae, cfg: dic
 
 def add_vaes(out_dir: Path, vaes: dict) -> None:
     """Record in shape.json what each VAE keeps: vaes maps a name to (its config, its stage folder, the folder of
-    the judges trained through it); the judges' accuracies are on decodes of held-out scenes (judges.stage_judges)."""
+    the judges trained through it, how far its filters moved in training or None); the judges' accuracies are on
+    decodes of held-out scenes (judges.stage_judges)."""
     path = out_dir / "shape.json"
     result = json.loads(path.read_text())
     result["vaes"] = {}
-    for name, (config, vae_folder, judge_folder) in vaes.items():
+    for name, (config, vae_folder, judge_folder, filter_movement) in vaes.items():
         vae_stats = json.loads((vae_folder / "stats.json").read_text())
         judge_stats = json.loads((judge_folder / "stats.json").read_text())
         result["vaes"][name] = {"config": config, "recon_l1_256": vae_stats["recon_l1_256"],
                                 "seconds": vae_stats["seconds"], "judge_seconds": judge_stats["seconds"],
                                 "attribute_accuracy_vae": judge_stats["attribute_accuracy_vae"],
                                 "attribute_accuracy_clean": judge_stats["attribute_accuracy_clean"],
-                                "concept_accuracy_vae": judge_stats["concept_accuracy_vae"]}
+                                "concept_accuracy_vae": judge_stats["concept_accuracy_vae"],
+                                "filter_movement": filter_movement}
     path.write_text(json.dumps(result, indent=1))
