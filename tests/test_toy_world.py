@@ -326,6 +326,45 @@ def test_patch_code_filters_train_at_their_own_rate_and_their_movement_is_measur
     assert moved[3e-2, "decoder"] == pytest.approx(moved[None, "decoder"], rel=0.2)
 
 
+def _companion_rows(control: float, single: dict, combined: dict, both: float = 0.0) -> list[dict]:
+    """Rows of composition.run_companions: detection rates per beta for one concept with a world object (single),
+    the combined set (combined), the control and both concepts in one prompt, 12 images per row, two lockings."""
+    rows = []
+    for locking in ("local", "global"):
+        for beta in (0.4, 0.7):
+            for concept in ("tw_circle", "tw_star"):
+                rows.append({"locking": locking, "beta": beta, "applied": concept, "prompt": "concept only",
+                             "concept": concept, "images": 12, "concept_detected": control})
+                rows.append({"locking": locking, "beta": beta, "applied": concept, "prompt": "with a world object",
+                             "concept": concept, "images": 12, "concept_detected": single[beta]})
+                rows.append({"locking": locking, "beta": beta, "applied": "tw_circle+tw_star",
+                             "prompt": "with a world object", "concept": concept, "images": 12,
+                             "concept_detected": combined[beta]})
+            rows.append({"locking": locking, "beta": beta, "applied": "tw_circle+tw_star", "prompt": "both concepts",
+                         "concept": "both", "images": 24, "concept_detected": both})
+    return [{**row, "background": 1.0, "two_objects": 0.5} for row in rows]
+
+
+def test_companions_reading_follows_the_decision_rule():
+    """Issue 20's rule, read from counts: concepts not rendered alone blame the world; the combined set failing as
+    each concept alone clears the multi-concept path (one failing more does not); recovery at the lower beta is
+    the operating point; failure at both betas is locking. A reading with the betas swapped is caught."""
+    import report
+    operating_point = " ".join(report.companions_reading(_companion_rows(0.75, {0.4: 0.75, 0.7: 0.25},
+                                                                          {0.4: 0.75, 0.7: 0.25}, both=0.5)))
+    assert "seldom rendered" not in operating_point and "multi-concept path is cleared" in operating_point
+    assert "36 of 48 at beta 0.4, 12 of 48 at beta 0.7" in operating_point and "the operating point" in operating_point
+    assert "both found in one image in 24 of 48 at beta 0.4, 24 of 48 at beta 0.7" in operating_point
+    swapped = " ".join(report.companions_reading(_companion_rows(0.75, {0.4: 0.25, 0.7: 0.75}, {0.4: 0.25, 0.7: 0.75})))
+    assert "the operating point" not in swapped and "better at the higher beta" in swapped
+    locking = " ".join(report.companions_reading(_companion_rows(0.75, {0.4: 0.0, 0.7: 0.0}, {0.4: 0.0, 0.7: 0.0})))
+    assert "fails at both: locking" in locking and "cleared" in locking
+    path = " ".join(report.companions_reading(_companion_rows(0.75, {0.4: 0.75, 0.7: 0.75}, {0.4: 0.0, 0.7: 0.0})))
+    assert "does worse than each concept alone" in path and "cleared" not in path
+    world_ = " ".join(report.companions_reading(_companion_rows(0.25, {0.4: 0.0, 0.7: 0.0}, {0.4: 0.0, 0.7: 0.0})))
+    assert "24 of 96 images" in world_ and "seldom rendered even alone" in world_
+
+
 def test_shape_report_reads_the_judges_on_decodes_and_every_seed():
     import report
     row = {"latent": "6x6x3", "description": "today", "n": 100, "train_seconds": 60.0, "accuracy_small": 0.5,

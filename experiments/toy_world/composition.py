@@ -146,6 +146,10 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
                 if len(applied) == 1:  # the control: the concept alone in the prompt, on the same backgrounds
                     prompts.update({f"alone|{applied[0]}|{bg}": (f"a embedding:{applied[0]} on {bg}", applied[0], bg)
                                     for bg in experiments.CONTEXT_BACKGROUNDS})
+                else:  # the composition itself: both concepts in one prompt, in both orders
+                    prompts.update({f"two|{x}+{y}|{bg}": (f"a embedding:{x} and a embedding:{y} on {bg}", "+".join(applied),
+                                                          bg)
+                                    for bg in experiments.CONTEXT_BACKGROUNDS for x, y in (applied, applied[::-1])})
                 runner.run(comfy_graphs.sample_graph(ckpt_path.name, {t: p for t, (p, _, _) in prompts.items()},
                                                      experiments.SAMPLING, [spec]))
                 for kind in ("companion", "alone"):
@@ -167,6 +171,30 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
                                      "concept_detected": float(np.mean(found)),
                                      "background": float(np.mean(background)), "two_objects": float(np.mean(two))})
                         log.info("companions: %s", rows[-1])
+                setting = {"locking": locking, "beta": beta, "applied": "+".join(applied)}
+                rows += _two_concept_rows(prompts, setting, applied, attribute_judge, concept_judge)
     results = {"sampling": experiments.SAMPLING, "tau": TAU, "rows": rows, "seconds": time.time() - t0}
     (out_dir / "companions.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _two_concept_rows(prompts: dict, setting: dict, applied: list, attribute_judge, concept_judge) -> list[dict]:
+    """Rows for the prompts with both concepts (tags "two|..."): how often the concept judge finds each concept,
+    and both in the same image (concept "both")."""
+    import numpy as np
+    tags = [tag for tag in prompts if tag.startswith("two|")]
+    if not tags:
+        return []
+    images = np.concatenate([comfy_graphs.CAPTURED.pop(tag) for tag in tags])
+    found = {name: concept_judge.probabilities(images)[name] > 0.5 for name in applied}
+    found["both"] = np.logical_and.reduce([found[name] for name in applied])
+    backgrounds = np.repeat([prompts[tag][2] for tag in tags], len(images) // len(tags))
+    predicted = attribute_judge.predict(images)
+    background = float(np.mean([p["background"] == bg for p, bg in zip(predicted, backgrounds)]))
+    two = float(np.mean([p["count"] == "2" for p in predicted]))
+    rows = [{**setting, "prompt": "both concepts", "concept": name, "images": len(images),
+             "concept_detected": float(np.mean(hits)), "background": background, "two_objects": two}
+            for name, hits in found.items()]
+    for row in rows:
+        log.info("companions: %s", row)
+    return rows

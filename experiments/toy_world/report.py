@@ -381,47 +381,79 @@ COMPOSITION_HEADING = "## 7. Two concepts in one prompt, token by token (no samp
 
 
 def companions_lines(companions: dict, command: str) -> list[str]:
-    """The sampled companion prompts (composition.run_companions): each concept alone against the combined set."""
+    """The sampled companion prompts (composition.run_companions): each concept alone against the combined set,
+    and both concepts in one prompt."""
     sampling = companions["sampling"]
     lines = [f"Sampled (`{command} --until companions`): the companion prompts `a embedding:A and a <colour> "
              f"<shape> on <bg>` ({sampling['steps']} steps, {sampling['sampler']}/{sampling['scheduler']}, cfg "
              f"{sampling['cfg']}, {sampling['batch']} images per prompt), each concept applied alone or with the "
-             "other (combined, exact mode), read by the concept judge of §3 (detected: p > 0.5) and the attribute "
-             "judge.", "",
+             "other (combined, exact mode); the control `a embedding:A on <bg>` with the concept alone; with both "
+             "applied, the prompt `a embedding:A and a embedding:B on <bg>` in both orders (concept \"both\": both "
+             "found in one image). Read by the concept judge of §3 (detected: p > 0.5) and the attribute judge.", "",
              "| key-locking | beta | applied | prompt | concept | images | concept detected | background | two objects |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in companions["rows"]:
         lines.append(f"| {row['locking']} | {row['beta']:g} | {row['applied']} | {row['prompt']} | {row['concept']} | "
                      f"{row['images']} | "
                      f"{row['concept_detected']:.0%} | {row['background']:.0%} | {row['two_objects']:.0%} |")
-    rows = companions["rows"]
-    with_object = [r for r in rows if r["prompt"] == "with a world object"]
-    combined = [r for r in with_object if "+" in r["applied"]]
-    alone = [r for r in with_object if "+" not in r["applied"]]
-    control = [r for r in rows if r["prompt"] == "concept only"]
-    detected = lambda picked: sum(round(r["concept_detected"] * r["images"]) for r in picked)  # noqa: E731
-    total = lambda picked: sum(r["images"] for r in picked)  # noqa: E731
-    per_concept = {c: [r for r in control if r["concept"] == c] for c in sorted({r["concept"] for r in control})}
-    control_text = ", ".join(f"{c} {min(r['concept_detected'] for r in picked):.0%}-"
-                             f"{max(r['concept_detected'] for r in picked):.0%}" for c, picked in per_concept.items())
-    lines += ["", f"Reading: with a world object in the prompt the concept judge found the concept in "
-              f"{detected(alone)} of {total(alone)} images with one concept applied and in {detected(combined)} of "
-              f"{total(combined)} with both, over both betas and both lockings: the combined set fails as each "
-              "concept alone does, so the multi-concept path is cleared (as the token table above says). The control, "
-              f"the concept alone in the prompt, is detected rarely too ({control_text} per setting, 12 images "
-              "each): the retrained concepts are seldom recognised at all here, so this world cannot yet tell an "
-              "operating point from locking. That needs the world of issue 20's items 2 and 3 (shape that survives "
-              "the decoder, attributes the photos contradict) and more than one training seed.", "",
+    lines += ["", "Reading (the decision rule of issue 20's first step, on counts pooled over both key-lockings and "
+              "both concepts; Fisher's exact test): " + " ".join(companions_reading(companions["rows"])), "",
               f"Wall time of the sampled part: {companions['seconds'] / 60:.1f} min.", ""]
     return lines
+
+
+def companions_reading(rows: list[dict]) -> list[str]:
+    """What the companion experiment says, by issue 20's rule: a concept that is not rendered even alone leaves
+    the world to blame; else the combined set failing as each concept alone does clears the multi-concept path,
+    a concept that recovers at the lower beta points to the operating point, one that fails at both to locking."""
+    import front as front_module
+
+    def count(prompt: str, combined: bool | None = None, beta: float | None = None, concept: str | None = None):
+        picked = [r for r in rows if r["prompt"] == prompt and (combined is None or ("+" in r["applied"]) == combined)
+                  and (beta is None or r["beta"] == beta) and (concept is None or r["concept"] == concept)]
+        return sum(round(r["concept_detected"] * r["images"]) for r in picked), sum(r["images"] for r in picked)
+
+    def p(a, b):
+        return front_module.fisher(a[0] / a[1], a[1], b[0] / b[1], b[1])
+
+    betas = sorted({r["beta"] for r in rows})
+    low, high = betas[0], betas[-1]
+    control = count("concept only")
+    text = [f"The control, each concept alone in its prompt, is detected in {control[0]} of {control[1]} images."]
+    if control[0] < control[1] / 2:
+        text.append("The concepts are seldom rendered even alone, so this world cannot tell an operating point from "
+                    "locking: the failures below are the world's (or the concepts' training), not composition's.")
+    single, combined = count("with a world object", False), count("with a world object", True)
+    text.append(f"With a world object in the prompt: {single[0]} of {single[1]} with one concept applied, "
+                f"{combined[0]} of {combined[1]} with both (p = {p(single, combined):.2g}).")
+    if p(single, combined) >= 0.05:
+        text.append("The combined set does as each concept alone does: the multi-concept path is cleared.")
+    else:
+        text.append("The combined set does " + ("worse" if combined[0] / combined[1] < single[0] / single[1] else
+                                               "better") + " than each concept alone: the multi-concept path matters.")
+    at_low, at_high = count("with a world object", False, low), count("with a world object", False, high)
+    if p(at_low, at_high) < 0.05:
+        verdict = ("it recovers at the lower beta: the operating point" if at_low[0] / at_low[1] > at_high[0] / at_high[1]
+                   else "it does better at the higher beta, against the gate's trade-off")
+    elif max(at_low[0] / at_low[1], at_high[0] / at_high[1]) < 0.5:
+        verdict = "it fails at both: locking (or the world)"
+    else:
+        verdict = "no beta effect is shown"
+    text.append(f"One concept with a world object: {at_low[0]} of {at_low[1]} at beta {low:g}, {at_high[0]} of "
+                f"{at_high[1]} at beta {high:g} (p = {p(at_low, at_high):.2g}); {verdict}.")
+    both = {beta: count("both concepts", beta=beta, concept="both") for beta in betas}
+    if any(n for _, n in both.values()):
+        text.append("Both concepts in one prompt: both found in one image in " + ", ".join(
+            f"{k} of {n} at beta {beta:g}" for beta, (k, n) in both.items()) + ".")
+    return text
 
 
 def composition_section(composition: dict, command: str, machine: str, date: str, companions: dict | None = None) -> str:
     """Issue 20's first step (composition.py): r, g and α per token under the combined patch against alone."""
     a, b = composition["concepts"]
     lines = [COMPOSITION_HEADING, "",
-             f"`{command} --until composition`, {date}; {machine}. No sampling: the Perfusion concepts of §6 "
-             f"({a}, {b}), the composition prompts of §5 encoded by the world's CLIP with both concepts, and for every "
+             f"`{command} --until composition`, {date}; {machine}. No sampling: the Perfusion concepts "
+             f"({a}, {b}) trained on this base (experiments.train_concepts), the composition prompts of §5 encoded by the world's CLIP with both concepts, and for every "
              f"token (BOS through EOS) each concept's gate input r, gate g (tau {composition['tau']:g}) and removal "
              "coefficient alpha: alone (alpha = r), combined in exact mode (alpha = G^-1 s), combined in approximate "
              "mode (alpha = r, as alone). A concept's gate depends only on that concept, so combining changes a "
@@ -445,7 +477,8 @@ def composition_section(composition: dict, command: str, machine: str, date: str
     lines += ["Reading, from the tables: " + "; ".join(_composition_reading(composition)) + ".", ""]
     if companions is not None:
         lines += companions_lines(companions, command)
-    lines.append(f"Wall time: {composition['seconds'] / 60:.1f} min (the concepts come from the cache of §6).")
+    lines.append(f"Wall time of the token tables: {composition['seconds'] / 60:.1f} min (with the concepts' training, "
+                 "unless the cache had them).")
     return "\n".join(lines) + "\n"
 
 

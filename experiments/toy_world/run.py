@@ -285,6 +285,10 @@ def write_composition_report():
     composition = json.loads((HERE / "composition.json").read_text())
     companions_file = HERE / "companions.json"
     companions = json.loads(companions_file.read_text()) if companions_file.is_file() else None
+    if companions and companions.get("base") != composition["base"]:
+        log.warning("companions.json ran on %s, composition.json on %s: §7 leaves the companions out",
+                    companions.get("base"), composition["base"])
+        companions = None
     body = report.composition_section(composition, _command_for(composition["base"]), composition.get("machine") or _machine(),
                                       datetime.date.today().isoformat(), companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
