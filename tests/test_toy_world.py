@@ -363,6 +363,26 @@ def test_companions_reading_follows_the_decision_rule():
     assert "does worse than each concept alone" in path and "cleared" not in path
     world_ = " ".join(report.companions_reading(_companion_rows(0.25, {0.4: 0.0, 0.7: 0.0}, {0.4: 0.0, 0.7: 0.0})))
     assert "24 of 96 images" in world_ and "seldom rendered even alone" in world_
+    assert "cleared" not in world_ and "locking (or" not in world_  # no verdict where the control fails
+
+
+def test_composition_reading_says_whether_combining_changes_the_edit():
+    """§7's token reading follows the numbers: small cross-talk leaves each token what the single concepts give
+    it; concepts alike in the metric of C (cross r 0.7, alpha changed by 0.76) do not (the words once fixed are
+    caught)."""
+    import report
+
+    def composition(cross_r: float, change: float) -> dict:
+        def row(word, own):
+            other = "tw_star" if own == "tw_circle" else "tw_circle"
+            return {"word": word, "per_concept": {own: {"r": 1.0, "g": 0.98}, other: {"r": cross_r, "g": cross_r}},
+                    "max_alpha_change": change, "max_gate": [0.9, 0.9]}
+        rows = [row("tw_circle", "tw_circle"), row("tw_star", "tw_star"), {**row("other", "tw_circle"), "word": "other"}]
+        return {"concepts": ["tw_circle", "tw_star"], "by_beta": {"0.4": {"two concepts": rows}}}
+    apart = "; ".join(report._composition_reading(composition(0.1, 0.1)))
+    alike = "; ".join(report._composition_reading(composition(0.7, 0.76)))
+    assert "r up to 0.10" in apart and "gives each token what the single concepts give it" in apart
+    assert "at most 0.76" in alike and "r up to 0.70" in alike and "does not give each token" in alike
 
 
 def test_shape_report_reads_the_judges_on_decodes_and_every_seed():
