@@ -41,8 +41,8 @@ VERSION = 1  # bump to invalidate every cached stage
 COMMAND = "nice -n 10 ~/.cache/comfyui-perfusion/venv/bin/python experiments/toy_world/run.py"  # as the report cites it
 
 VAE_CONFIG = {"version": VERSION, "kind": "mosaic", "size": 48, "seed": 1}
-# VAEs whose latent is 4 learned linear functions of each 8x8 patch (patch_vae.py; REPORT.md §9); no base model
-# uses them yet. They train with 2 torch threads on 6,000 scenes with random looks: on reconstruction alone
+# VAEs whose latent is 4 learned linear functions of each 8x8 patch (patch_vae.py; REPORT.md §9); the last one
+# (FAST_FILTERS_VAE_CONFIG) carries PATCH_CODE_BASE. They train with 2 torch threads on 6,000 scenes with random looks: on reconstruction alone
 # (RECONSTRUCTION_VAE_CONFIG), or with a shape classifier reading the latent (PATCH_CODE_VAE_CONFIG, weight 0.1;
 # STRONG_SHAPE_VAE_CONFIG, weight 1).
 RECONSTRUCTION_VAE_CONFIG = {**VAE_CONFIG, "kind": "patch-code", "images": 6000, "data_seed": 5, "steps": 1500,
