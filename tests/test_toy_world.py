@@ -310,7 +310,8 @@ def test_patch_code_filters_train_at_their_own_rate_and_their_movement_is_measur
     rng = np.random.default_rng(0)
     images, masks = rng.random((4, 48, 48, 3), dtype=np.float32), (rng.random((4, 48, 48)) > 0.5).astype(np.float32)
     encoder = TAESD().taesd_encoder
-    patch_vae.set_patch_encoder(encoder, patch_vae.start_filters(7) * patch_vae._UNIT, torch.zeros(4))
+    patch_vae.set_patch_encoder(encoder, patch_vae.start_filters(torch.Generator().manual_seed(7)) * patch_vae._UNIT,
+                              torch.zeros(4))
     assert patch_vae.filter_movement(encoder, 7) == [0.0] * 4
     assert patch_vae.filter_movement(encoder, 8)[3] > 1.0  # another seed's random filter 3
     decoder_start = TAESD().taesd_decoder

@@ -160,9 +160,9 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
                                 continue
                             images = comfy_graphs.CAPTURED.pop(tag)
                             found += list(concept_judge.probabilities(images)[concept] > 0.5)
-                            predicted = attribute_judge.predict(images)
-                            background += [p["background"] == bg for p in predicted]
-                            two += [p["count"] == "2" for p in predicted]
+                            right_background, two_objects = _attributes(attribute_judge, images, bg)
+                            background += right_background
+                            two += two_objects
                         if not found:
                             continue
                         rows.append({"locking": locking, "beta": beta, "applied": "+".join(applied),
@@ -185,16 +185,26 @@ def _two_concept_rows(prompts: dict, setting: dict, applied: list, attribute_jud
     tags = [tag for tag in prompts if tag.startswith("two|")]
     if not tags:
         return []
-    images = np.concatenate([comfy_graphs.CAPTURED.pop(tag) for tag in tags])
-    found = {name: concept_judge.probabilities(images)[name] > 0.5 for name in applied}
+    batches = [comfy_graphs.CAPTURED.pop(tag) for tag in tags]
+    images = np.concatenate(batches)
+    probabilities = concept_judge.probabilities(images)
+    found = {name: probabilities[name] > 0.5 for name in applied}
     found["both"] = np.logical_and.reduce([found[name] for name in applied])
-    backgrounds = np.repeat([prompts[tag][2] for tag in tags], len(images) // len(tags))
-    predicted = attribute_judge.predict(images)
-    background = float(np.mean([p["background"] == bg for p, bg in zip(predicted, backgrounds)]))
-    two = float(np.mean([p["count"] == "2" for p in predicted]))
+    background, two = [], []
+    for tag, batch in zip(tags, batches):
+        right_background, two_objects = _attributes(attribute_judge, batch, prompts[tag][2])
+        background += right_background
+        two += two_objects
     rows = [{**setting, "prompt": "both concepts", "concept": name, "images": len(images),
-             "concept_detected": float(np.mean(hits)), "background": background, "two_objects": two}
+             "concept_detected": float(np.mean(hits)), "background": float(np.mean(background)),
+             "two_objects": float(np.mean(two))}
             for name, hits in found.items()]
     for row in rows:
         log.info("companions: %s", row)
     return rows
+
+
+def _attributes(attribute_judge, images, background: str) -> tuple[list[bool], list[bool]]:
+    """Per image, whether the attribute judge reads the prompt's background, and two objects."""
+    predicted = attribute_judge.predict(images)
+    return [p["background"] == background for p in predicted], [p["count"] == "2" for p in predicted]

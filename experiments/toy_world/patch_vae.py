@@ -98,18 +98,18 @@ def _start_decoder(decoder: torch.nn.Sequential, seed: int, noise: float = 0.1) 
             p.add_(mosaic[name])
 
 
-def start_filters(seed: int) -> torch.Tensor:
+def start_filters(generator: torch.Generator) -> torch.Tensor:
     """The four filters a VAE's training starts from, in units of a mean filter's entry (MEAN_SCALE / 64):
-    filters 0-2 the colour means, filter 3 random (the first draw of the training's generator)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([mean_filters() / _UNIT, torch.randn(1, 3, PATCH, PATCH, generator=g)])
+    filters 0-2 the colour means, filter 3 random (the first draw of the training's generator, seeded with its
+    seed)."""
+    return torch.cat([mean_filters() / _UNIT, torch.randn(1, 3, PATCH, PATCH, generator=generator)])
 
 
 def filter_movement(encoder, seed: int) -> list[float]:
     """How far each of a trained encoder's filters moved from where its training started (start_filters):
     |final - start| / |start| per filter. Training that barely moves them leaves the colour means (REPORT §9)."""
     filters, _ = read_filters(encoder)
-    start = start_filters(seed) * _UNIT
+    start = start_filters(torch.Generator().manual_seed(seed)) * _UNIT
     return [float((filters[f] - start[f]).norm() / start[f].norm()) for f in range(len(start))]
 
 
@@ -128,9 +128,8 @@ def train_patch_taesd(images: np.ndarray, masks: np.ndarray, steps: int, batch: 
     _start_decoder(vae.taesd_decoder, seed)
     # The encoder's four filters, in units of a mean filter's entry, so that Adam's steps (about the learning rate
     # per weight) change them by a share of their size.
-    filters = torch.nn.Parameter(start_filters(seed))
     g = torch.Generator().manual_seed(seed)
-    torch.randn(1, 3, PATCH, PATCH, generator=g)  # start_filters' draw: the batches follow it, as they always did
+    filters = torch.nn.Parameter(start_filters(g))  # the batches below follow its draw
     bias = torch.nn.Parameter(torch.zeros(4))
     decoder = vae.taesd_decoder.train()
     parameters = list(decoder.parameters()) + [bias]

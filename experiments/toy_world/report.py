@@ -428,11 +428,9 @@ def companions_reading(rows: list[dict]) -> list[str]:
     single, combined = count("with a world object", False), count("with a world object", True)
     text.append(f"With a world object in the prompt: {single[0]} of {single[1]} with one concept applied, "
                 f"{combined[0]} of {combined[1]} with both (p = {p(single, combined):.2g}).")
-    if world_fails:
-        pass
-    elif p(single, combined) >= 0.05:
+    if not world_fails and p(single, combined) >= 0.05:
         text.append("The combined set does as each concept alone does: the multi-concept path is cleared.")
-    else:
+    elif not world_fails:
         text.append("The combined set does " + ("worse" if combined[0] / combined[1] < single[0] / single[1] else
                                                "better") + " than each concept alone: the multi-concept path matters.")
     at_low, at_high = count("with a world object", False, low), count("with a world object", False, high)
@@ -457,7 +455,8 @@ def composition_section(composition: dict, command: str, machine: str, date: str
     a, b = composition["concepts"]
     lines = [COMPOSITION_HEADING, "",
              f"`{command} --until composition`, {date}; {machine}. No sampling: the Perfusion concepts "
-             f"({a}, {b}) trained on this base (experiments.train_concepts), the composition prompts of §5 encoded by the world's CLIP with both concepts, and for every "
+             f"({a}, {b}) trained on this base (experiments.train_concepts), the composition prompts of §5 encoded "
+             "by the world's CLIP with both concepts, and for every "
              f"token (BOS through EOS) each concept's gate input r, gate g (tau {composition['tau']:g}) and removal "
              "coefficient alpha: alone (alpha = r), combined in exact mode (alpha = G^-1 s), combined in approximate "
              "mode (alpha = r, as alone). A concept's gate depends only on that concept, so combining changes a "
@@ -498,9 +497,8 @@ def _composition_reading(composition: dict) -> list[str]:
         out.append(f"at beta {beta} each concept's word opens its own gate at {min(own):.2f}-{max(own):.2f} on "
                    f"average and the other concept's at {min(cross):.2f}-{max(cross):.2f}, and the largest gate on "
                    f"any other token is {other:.2f}")
-    change = max(row["max_alpha_change"] for kinds in composition["by_beta"].values() for rows in kinds.values()
-                 for row in rows)
     rows = [row for kinds in composition["by_beta"].values() for rows in kinds.values() for row in rows]
+    change = max(row["max_alpha_change"] for row in rows)
     cross_r = max(row["per_concept"][b if row["word"] == a else a]["r"] for row in rows if row["word"] in (a, b))
     out.append(f"combining (exact mode) changes any token's alpha by at most {change:.2f} against the concepts "
                f"alone (at each concept's word it takes out the other concept's share: r up to {cross_r:.2f})")
