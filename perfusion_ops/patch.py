@@ -93,6 +93,29 @@ def check_separable(concepts: list[Concept], limit: float = 1e-3) -> None:
                              "'approximate'.")
 
 
+def warn_about_crossed_gates(applied, first_new: int = 0) -> None:
+    """Warn when concept a's gate opens at least half on concept b's word: a's gate input at b's trained
+    encoding, r_ab = u_aᵀ i*_b / E_a (rank1.metric_gram), at or above a's beta. Then embedding:b also takes part
+    of a's value: the two look alike in the metric of C, as two concepts trained without masks on the same
+    backgrounds can (docs/method.md §2). Only pairs with a concept from applied[first_new:], so that a chain of
+    apply nodes warns about each pair once."""
+    if len(applied) < 2:
+        return
+    _, energy, gram = rank1.metric_gram(torch.stack([a.concept.i_star for a in applied]),
+                                        torch.stack([a.concept.u for a in applied]))
+    r = gram / energy[:, None]  # r[a, b]: concept a's gate input at i*_b (1 on the diagonal)
+    for a, mine in enumerate(applied):
+        for b, other in enumerate(applied):
+            if a != b and max(a, b) >= first_new and r[a, b] >= mine.beta:
+                gate = float(rank1.gate(r[a, b], torch.tensor(mine.beta, dtype=r.dtype), mine.tau))
+                log.warning("Perfusion: concept '%s' opens its gate on the word of '%s' too (gate input %.2f there, "
+                            "beta %.2f: gate %.2f), so embedding:%s also takes part of '%s'. The two look alike to the "
+                            "text encoder, as concepts trained on the same backgrounds without masks can. Raise the "
+                            "beta of '%s' above %.2f, or retrain them with masks.", mine.concept.name,
+                            other.concept.name, r[a, b], mine.beta, gate, other.concept.name, mine.concept.name,
+                            mine.concept.name, r[a, b])
+
+
 @dataclass(frozen=True, eq=False)
 class AppliedConcept:
     """A concept as one apply node added it: its own strength, gate and sigma window."""
@@ -293,6 +316,7 @@ def apply_concepts(model, concepts, strength: float = 1.0, beta: float = INFEREN
     sigma_start = math.inf if start_at <= 0 else float(sampling.percent_to_sigma(start_at))
     sigma_end = 0.0 if end_at >= 1 else float(sampling.percent_to_sigma(end_at))
     added = tuple(AppliedConcept(c, float(strength), float(beta), float(tau), sigma_start, sigma_end) for c in concepts)
+    warn_about_crossed_gates(previous + added, first_new=len(previous))
     return _with_joint_patch(model, PerfusionPatch(previous + added, exact, key_locking))
 
 

@@ -5,7 +5,7 @@
 - One concept in a set is exactly the single-concept edit; the order of concepts does not matter; chaining
   apply calls (or nodes) equals applying the combined set; each concept's token opens its own gate only.
 - Clear errors for a concept used twice and for concepts of different architectures; a warning for concepts
-  estimated with different covariances.
+  estimated with different covariances, and for a concept whose gate opens on another concept's word.
 """
 import importlib
 import logging
@@ -537,3 +537,37 @@ def test_nodes_refuse_a_concept_twice_and_mixed_architectures(graph_nodes):
     message = run_prompt_expecting_error(graph)
     assert "['a'] applied twice" in message, message
     assert not CAPTURED
+
+
+def test_a_gate_that_opens_on_another_concepts_word_warns_once_per_pair(sd1, caplog):
+    """Concept b's i* leans towards a's (i*_b = 0.9 i*_a + 0.9 i*_c, c separated from a): a's gate input at b's
+    word, r_ab = i*_aᵀC⁻¹i*_b / i*_aᵀC⁻¹i*_a, computed here in float64 from C, is about 0.9, and b's at a's
+    word about 0.55. At beta 0.7 only a warns, naming b and r_ab; at beta 0.95 nothing does; separated concepts
+    never do; a chain that adds a separated concept afterwards does not repeat the pair."""
+    from perfusion_ops.patch import apply_concepts
+    arch, model, clip, context, pooled = sd1
+    a, c, d = separated_concepts(model, arch, context, 3)
+    i_b = 0.9 * a.i_star + 0.9 * c.i_star
+    b = random_concept(model, arch, "b", seed=43, context=context).replace(
+        i_star=i_b, u=covariance_inverse_times(context, i_b[None], 0.01)[0].float())
+    c_inv_i = covariance_inverse_times(context, torch.stack([a.i_star, i_b]), 0.01)
+    r_ab = float(c_inv_i[0] @ i_b.double() / (c_inv_i[0] @ a.i_star.double()))
+    r_ba = float(c_inv_i[1] @ a.i_star.double() / (c_inv_i[1] @ i_b.double()))
+    assert 0.8 < r_ab < 1.0 and 0.45 < r_ba < 0.65, (r_ab, r_ba)
+
+    def crossed(run):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run()
+        return [r.getMessage() for r in caplog.records if "opens its gate" in r.getMessage()]
+
+    assert crossed(lambda: apply_concepts(model, [a, c, d], beta=0.7)) == []
+    assert crossed(lambda: apply_concepts(model, [a, b], beta=0.95)) == []
+    warned = crossed(lambda: apply_concepts(apply_concepts(model, [a, b], beta=0.7), [d], beta=0.7))
+    assert len(warned) == 1, warned
+    assert f"concept '{a.name}' opens its gate on the word of 'b'" in warned[0]
+    assert f"gate input {r_ab:.2f}" in warned[0] and "beta 0.70" in warned[0]
+    # chained: b applied after a with its own beta, below r_ba: b now warns about a as well
+    warned = crossed(lambda: apply_concepts(apply_concepts(model, [a], beta=0.7), [b], beta=0.5))
+    assert sorted(m.split("'")[1] for m in warned) == sorted([a.name, "b"]), warned
+    assert any(f"gate input {r_ba:.2f}" in m and "beta 0.50" in m for m in warned), warned

@@ -8,7 +8,6 @@ compiled, patched model gives the same latent as without compiling; a second sam
 the first (no recompilation per step or per run); and the edit adds at most two graph breaks per call, where its
 hooks are registered and removed."""
 import pytest
-import torch
 
 from reference import random_concept
 from support.tiny_models import sample, tiny_clip, tiny_model
