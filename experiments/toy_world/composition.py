@@ -27,11 +27,15 @@ from pathlib import Path
 
 import comfy_graphs
 import experiments
+import front
 import world
 
 log = logging.getLogger(__name__)
 BETAS = (0.4, 0.7)  # the paper's range for global locking, and the default
 TAU = 0.15
+# The concepts' recipe: §8's strongest (one micro-batch per step, learning rates x3.3, 500 steps). §6's recipe
+# (experiments.TRAIN) left both concepts unrendered on the patch-code base, even alone (the control).
+TRAIN = {**front.TRAIN, **front.LEARNABILITY["learning rates x3.3 and 500 steps"]}
 
 
 def composition_prompts(a: str, b: str) -> dict[str, list[str]]:
@@ -94,22 +98,26 @@ def summarise(rows: list[dict], names: list[str]) -> list[dict]:
 def run_composition(ckpt_path: Path, out_dir: Path) -> dict:
     import comfy.sd
     import torch
-    concepts_dir = experiments.concepts_folder(ckpt_path)
+    concepts_dir = experiments.concepts_folder(ckpt_path, TRAIN)
     pack = experiments._setup(ckpt_path, concepts_dir)
     ops = lambda name: importlib.import_module(f"{pack.__name__}.perfusion_ops.{name}")  # noqa: E731  (as loaded)
     concept_file, leak, rank1, text = (ops(n) for n in ("concept_file", "leak", "rank1", "text"))
     t0 = time.time()
-    trained = experiments.train_concepts(comfy_graphs.Runner(), ckpt_path.name, concepts_dir, ["perfusion"])
+    trained = experiments.train_concepts(comfy_graphs.Runner(), ckpt_path.name, concepts_dir, ["perfusion"], TRAIN)
     a, b = sorted(world.CONCEPTS)
     concepts = [concept_file.read_concept(concepts_dir / trained["files"]["perfusion"][name]) for name in (a, b)]
     clip = comfy.sd.load_checkpoint_guess_config(str(ckpt_path), output_vae=False)[1]
     concept_clip = text.clip_with_concepts(clip, concepts)
     _, energy, gram = rank1.metric_gram(torch.stack([c.i_star for c in concepts]),
                                         torch.stack([c.u for c in concepts]))
-    results = {"concepts": [a, b], "tau": TAU, "training_seconds": trained["seconds"],
+    results = {"concepts": [a, b], "tau": TAU, "train": TRAIN, "training_seconds": trained["seconds"],
                # G_ab / sqrt(G_aa G_bb): how alike the two concepts look in the metric of C (0: exact = approximate)
                "metric_cosine": float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt()),
                "metric_cosine_ba": float(gram[1, 0] / (gram[0, 0] * gram[1, 1]).sqrt()), "by_beta": {}}
+    # Plain cosines of the stored vectors: did the two words learn one thing, did each leave its superclass?
+    cosine = lambda x, y: float(torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0))  # noqa: E731
+    results["i_star_cosine"] = cosine(concepts[0].i_star, concepts[1].i_star)
+    results["i_star_vs_superclass"] = {c.name: cosine(c.i_star, c.i_super) for c in concepts}
     prompts = composition_prompts(a, b)
     rows = {kind: [row for prompt in texts for row in token_rows(concept_clip, concepts, prompt, leak, rank1, torch)]
             for kind, texts in prompts.items()}
@@ -126,10 +134,10 @@ def run_composition(ckpt_path: Path, out_dir: Path) -> dict:
 def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
     import numpy as np
     import judges
-    concepts_dir = experiments.concepts_folder(ckpt_path)
+    concepts_dir = experiments.concepts_folder(ckpt_path, TRAIN)
     experiments._setup(ckpt_path, concepts_dir)
     runner = comfy_graphs.Runner()
-    files = experiments.train_concepts(runner, ckpt_path.name, concepts_dir, ["perfusion"])["files"]["perfusion"]
+    files = experiments.train_concepts(runner, ckpt_path.name, concepts_dir, ["perfusion"], TRAIN)["files"]["perfusion"]
     attribute_judge, concept_judge = judges.load_judges(judge_path)
     a, b = sorted(world.CONCEPTS)
     t0 = time.time()
@@ -173,7 +181,7 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
                         log.info("companions: %s", rows[-1])
                 setting = {"locking": locking, "beta": beta, "applied": "+".join(applied)}
                 rows += _two_concept_rows(prompts, setting, applied, attribute_judge, concept_judge)
-    results = {"sampling": experiments.SAMPLING, "tau": TAU, "rows": rows, "seconds": time.time() - t0}
+    results = {"sampling": experiments.SAMPLING, "tau": TAU, "train": TRAIN, "rows": rows, "seconds": time.time() - t0}
     (out_dir / "companions.json").write_text(json.dumps(results, indent=1))
     return results
 

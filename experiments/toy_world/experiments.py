@@ -140,8 +140,9 @@ def run_base(runner, ckpt_name, attribute_judge, batch=2):
 # 2. Concepts
 
 
-def train_concepts(runner, ckpt_name, concepts_dir: Path, methods) -> dict:
-    """Train every (method, concept) through the nodes once; returns {method: {concept: file name}} and times."""
+def train_concepts(runner, ckpt_name, concepts_dir: Path, methods, train: dict = TRAIN) -> dict:
+    """Train every (method, concept) through the nodes once with the recipe `train` (changes to the train node's
+    defaults); returns {method: {concept: file name}} and times."""
     import folder_paths
     files, times = {}, {}
     for method in methods:
@@ -151,7 +152,7 @@ def train_concepts(runner, ckpt_name, concepts_dir: Path, methods) -> dict:
             if not (concepts_dir / name).is_file():
                 t0 = time.time()
                 graph = comfy_graphs.train_graph(ckpt_name, concept, superclass, PHOTO_SEED, f"{method}/{concept}",
-                                                 {**TRAIN, **flags})
+                                                 {**train, **flags})
                 runner.run(graph)
                 times[f"{method}/{concept}"] = time.time() - t0
                 log.info("trained %s/%s in %.0f s", method, concept, times[f"{method}/{concept}"])
@@ -293,8 +294,8 @@ def run_two_concepts(runner, ckpt_name, judges, files, beta=0.7, tau=0.15):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def concepts_folder(ckpt_path: Path) -> Path:
-    return cache.folder("concepts", {"ckpt": str(ckpt_path), "train": TRAIN, "methods": METHODS,
+def concepts_folder(ckpt_path: Path, train: dict = TRAIN) -> Path:
+    return cache.folder("concepts", {"ckpt": str(ckpt_path), "train": train, "methods": METHODS,
                                      "photo_seed": PHOTO_SEED, "text_encoder": "float32", "version": 3})  # 3: recipe and corpus of issues 15/16
 
 

@@ -455,7 +455,8 @@ def composition_section(composition: dict, command: str, machine: str, date: str
     a, b = composition["concepts"]
     lines = [COMPOSITION_HEADING, "",
              f"`{command} --until composition`, {date}; {machine}. No sampling: the Perfusion concepts "
-             f"({a}, {b}) trained on this base (experiments.train_concepts), the composition prompts of §5 encoded "
+             f"({a}, {b}) trained on this base by the train node ({_recipe_text(composition['train'])}; "
+             "composition.TRAIN, §8's strongest recipe), the composition prompts of §5 encoded "
              "by the world's CLIP with both concepts, and for every "
              f"token (BOS through EOS) each concept's gate input r, gate g (tau {composition['tau']:g}) and removal "
              "coefficient alpha: alone (alpha = r), combined in exact mode (alpha = G^-1 s), combined in approximate "
@@ -463,7 +464,7 @@ def composition_section(composition: dict, command: str, machine: str, date: str
              "token's edit only through alpha (exact mode) and through the other concept's gate opening there.", "",
              f"How alike the concepts look in the metric of C: G_ab / sqrt(G_aa G_bb) = "
              f"{composition['metric_cosine']:.3f} ({composition['metric_cosine_ba']:.3f} the other way; 0 would make "
-             "exact and approximate mode equal).", ""]
+             "exact and approximate mode equal)." + _vector_cosines_text(composition), ""]
     for beta, kinds in composition["by_beta"].items():
         lines += [f"beta {beta}:", "",
                   f"| prompts | token | tokens | r {a} | g {a} | alpha {a} (exact) | r {b} | g {b} | alpha {b} (exact) "
@@ -483,6 +484,15 @@ def composition_section(composition: dict, command: str, machine: str, date: str
     lines.append(f"Wall time of the token tables: {composition['seconds'] / 60:.1f} min (with the concepts' training, "
                  "unless the cache had them).")
     return "\n".join(lines) + "\n"
+
+
+def _vector_cosines_text(composition: dict) -> str:
+    """The plain cosines of the concepts' stored vectors (absent from runs before 2026-12-04)."""
+    if "i_star_cosine" not in composition:
+        return ""
+    return (f" Plain cosines of the stored vectors: the two i* {composition['i_star_cosine']:.2f}; each i* against "
+            "its superclass word's encoding i_super " + ", ".join(
+                f"{name} {value:.2f}" for name, value in composition["i_star_vs_superclass"].items()) + ".")
 
 
 def _composition_reading(composition: dict) -> list[str]:
@@ -586,6 +596,14 @@ def front_section(front: dict, command: str, machine: str, date: str, diagnosis:
 
 
 TRAIN_SENTENCE_KEYS = ("steps", "batch_size", "gradient_accumulation")  # front_section states these of every recipe
+
+
+def _recipe_text(train: dict) -> str:
+    """A training recipe in words: "steps 500, batch 2, 1 micro-batch per step, value_lr 0.1"."""
+    rest = _changes_text({k: v for k, v in train.items()
+                          if k not in TRAIN_SENTENCE_KEYS + ("seed", "resolution")})
+    return (f"steps {train['steps']}, batch {train['batch_size']}, {train['gradient_accumulation']} "
+            "micro-batch per step" + (f", {rest}" if rest else ""))
 
 
 def _changes_text(changes: dict) -> str:
