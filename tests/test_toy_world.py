@@ -386,6 +386,25 @@ def test_composition_reading_says_whether_combining_changes_the_edit():
     assert "at most 0.76" in alike and "r up to 0.70" in alike and "does not give each token" in alike
 
 
+def test_composition_section_states_the_concepts_recipe_and_their_vectors():
+    """§7 says which recipe trained its concepts (composition.TRAIN, every change to the node's defaults) and the
+    plain cosines of their stored vectors."""
+    import composition as composition_module
+    import report
+    a, b = "tw_circle", "tw_star"
+    row = {"tokens": 8, "per_concept": {n: {"r": 1.0, "g": 0.9, "alpha_exact": 1.0} for n in (a, b)},
+           "max_alpha_change": 0.1, "max_gate": [0.9, 0.2], "max_gate_at": ["concept", "concept"]}
+    rows = [{**row, "word": word} for word in (a, b, "other")]
+    results = {"concepts": [a, b], "tau": 0.15, "train": composition_module.TRAIN, "metric_cosine": 0.6,
+               "metric_cosine_ba": 0.5, "i_star_cosine": 0.81, "i_star_vs_superclass": {a: -0.001, b: -0.05},
+               "by_beta": {"0.4": {"two concepts": rows}}, "seconds": 1.0}
+    text = report.composition_section(results, "cmd", "machine", "today")
+    train = composition_module.TRAIN
+    assert (f"steps {train['steps']}, batch {train['batch_size']}, {train['gradient_accumulation']} micro-batch per "
+            f"step, value_lr {train['value_lr']:g}, embedding_lr {train['embedding_lr']:g}, masks;") in text
+    assert "the two i* 0.81; each i* against its superclass word's encoding i_super tw_circle -0.00, tw_star -0.05" in text
+
+
 def test_shape_report_reads_the_judges_on_decodes_and_every_seed():
     import report
     row = {"latent": "6x6x3", "description": "today", "n": 100, "train_seconds": 60.0, "accuracy_small": 0.5,
