@@ -367,6 +367,35 @@ def test_companions_reading_follows_the_decision_rule():
     assert "cleared" not in world_ and "locking (or" not in world_  # no verdict where the control fails
 
 
+def test_per_concept_reading_keeps_each_concept_apart():
+    """A concept rendered alone beside one never rendered: each gets its own counts (pooling would hide the
+    first), the combined set against alone, and the rows with the other's gate kept off against both."""
+    import report
+
+    def row(concept, prompt, applied, rate, **extra):
+        return {"locking": "local", "beta": 0.4, "applied": applied, "prompt": prompt, "concept": concept,
+                "images": 24, "concept_detected": rate, "background": 1.0, "two_objects": 0.5, **extra}
+    rows = [row("tw_circle", "concept only", "tw_circle", 0.5), row("tw_star", "concept only", "tw_star", 0.0),
+            row("tw_circle", "with a world object", "tw_circle", 0.5),
+            row("tw_star", "with a world object", "tw_star", 0.0),
+            row("tw_circle", "with a world object", "tw_circle+tw_star", 0.0),
+            row("tw_star", "with a world object", "tw_circle+tw_star", 0.0),
+            row("both", "both concepts", "tw_circle+tw_star", 0.0),
+            row("tw_circle", "with a world object, other's gate kept off", "tw_circle+tw_star", 0.5, other_beta=0.94)]
+    from scipy import stats
+    text = " ".join(report.per_concept_reading({"rows": rows}))
+    half_against_none = stats.fisher_exact([[12, 12], [0, 24]])[1]
+    assert ("tw_circle: the control 12 of 24; with a world object, applied alone 12 of 24, with the combined set "
+            f"0 of 24 (p = {half_against_none:.2g} against alone), with the other concept's gate kept off its word "
+            f"(the other's beta 0.94) 12 of 24 (p = {half_against_none:.2g} against the combined set, 1 against "
+            "alone); the combined set costs it what the other concept's gate on its word adds, and keeping that "
+            "gate shut gives it back.") in text
+    assert "tw_star: the control 0 of 24; with a world object, applied alone 0 of 24, with the combined set 0 of 24" in text
+    assert "both:" not in text
+    rows[-1] = {**rows[-1], "concept_detected": 0.0}  # keeping the other's gate off gives nothing back
+    assert "gives it back" not in " ".join(report.per_concept_reading({"rows": rows}))
+
+
 def test_composition_reading_says_whether_combining_changes_the_edit():
     """§7's token reading follows the numbers: small cross-talk leaves each token what the single concepts give
     it; concepts alike in the metric of C (cross r 0.7, alpha changed by 0.76) do not (the words once fixed are

@@ -137,11 +137,12 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
     import numpy as np
     import judges
     concepts_dir = experiments.concepts_folder(ckpt_path, TRAIN)
-    experiments._setup(ckpt_path, concepts_dir)
+    pack = experiments._setup(ckpt_path, concepts_dir)
     runner = comfy_graphs.Runner()
     files = experiments.train_concepts(runner, ckpt_path.name, concepts_dir, ["perfusion"], TRAIN)["files"]["perfusion"]
     attribute_judge, concept_judge = judges.load_judges(judge_path)
     a, b = sorted(world.CONCEPTS)
+    cross_r = cross_gate_inputs(pack, {name: concepts_dir / files[name] for name in (a, b)})
     t0 = time.time()
     rows = []
     for locking in ("local", "global"):
@@ -183,9 +184,55 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
                         log.info("companions: %s", rows[-1])
                 setting = {"locking": locking, "beta": beta, "applied": "+".join(applied)}
                 rows += _two_concept_rows(prompts, setting, applied, attribute_judge, concept_judge)
-    results = {"sampling": experiments.SAMPLING, "tau": TAU, "train": TRAIN, "rows": rows, "seconds": time.time() - t0}
+            rows += _other_gate_kept_off_rows(runner, ckpt_path.name, files, cross_r, locking, beta,
+                                              attribute_judge, concept_judge)
+    results = {"sampling": experiments.SAMPLING, "tau": TAU, "train": TRAIN, "cross_r": cross_r, "rows": rows,
+               "seconds": time.time() - t0}
     (out_dir / "companions.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def cross_gate_inputs(pack, paths: dict) -> dict:
+    """{"a|b": concept a's gate input at b's trained encoding}, r_ab = u_aᵀ i*_b / E_a, what the apply node's
+    warning reads (patch.warn_about_crossed_gates)."""
+    import torch
+    ops = lambda name: importlib.import_module(f"{pack.__name__}.perfusion_ops.{name}")  # noqa: E731  (as loaded)
+    concepts = [ops("concept_file").read_concept(path) for path in paths.values()]
+    _, energy, gram = ops("rank1").metric_gram(torch.stack([c.i_star for c in concepts]),
+                                               torch.stack([c.u for c in concepts]))
+    names = list(paths)
+    return {f"{x}|{y}": float(gram[i, j] / energy[i]) for i, x in enumerate(names) for j, y in enumerate(names)
+            if i != j}
+
+
+def _other_gate_kept_off_rows(runner, ckpt_name, files, cross_r, locking, beta, attribute_judge, concept_judge):
+    """The combined set as the apply node's warning advises: concept A at `beta`, the other concept B chained
+    after it with its beta raised to r_BA + 2 tau (its gate on A's word down to sigmoid(-2) = 0.12). Read on A's
+    companion prompts: if A recovers there what it loses in the plain combined set, B's gate opening on A's word
+    is why it lost it."""
+    import numpy as np
+    rows = []
+    for concept, other in (sorted(files), sorted(files)[::-1]):
+        raised = round(cross_r[f"{other}|{concept}"] + 2 * TAU, 2)
+        specs = [{"files": [files[concept]], "strength": 1.0, "beta": beta, "tau": TAU, "key_locking": locking},
+                 {"files": [files[other]], "strength": 1.0, "beta": raised, "tau": TAU, "key_locking": locking}]
+        prompts = {f"kept|{concept}|{bg}": (f"a embedding:{concept} and a {colour} {shape} on {bg}", bg)
+                   for (colour, shape), bg in zip(experiments.COMPANIONS, experiments.CONTEXT_BACKGROUNDS)}
+        runner.run(comfy_graphs.sample_graph(ckpt_name, {t: p for t, (p, _) in prompts.items()},
+                                             experiments.SAMPLING, specs))
+        found, background, two = [], [], []
+        for tag, (_, bg) in prompts.items():
+            images = comfy_graphs.CAPTURED.pop(tag)
+            found += list(concept_judge.probabilities(images)[concept] > 0.5)
+            right_background, two_objects = _attributes(attribute_judge, images, bg)
+            background += right_background
+            two += two_objects
+        rows.append({"locking": locking, "beta": beta, "applied": f"{concept}+{other}", "other_beta": raised,
+                     "prompt": "with a world object, other's gate kept off", "concept": concept,
+                     "images": len(found), "concept_detected": float(np.mean(found)),
+                     "background": float(np.mean(background)), "two_objects": float(np.mean(two))})
+        log.info("companions: %s", rows[-1])
+    return rows
 
 
 def _two_concept_rows(prompts: dict, setting: dict, applied: list, attribute_judge, concept_judge) -> list[dict]:

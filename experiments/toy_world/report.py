@@ -389,17 +389,57 @@ def companions_lines(companions: dict, command: str) -> list[str]:
              f"{sampling['cfg']}, {sampling['batch']} images per prompt), each concept applied alone or with the "
              "other (combined, exact mode); the control `a embedding:A on <bg>` with the concept alone; with both "
              "applied, the prompt `a embedding:A and a embedding:B on <bg>` in both orders (concept \"both\": both "
-             "found in one image). Read by the concept judge of §3 (detected: p > 0.5) and the attribute judge.", "",
+             "found in one image); and, as the apply node's warning advises, each concept's companion prompts with "
+             "the other concept chained after it at a beta raised to its gate input on this concept's word plus 2 "
+             "tau (\"other's gate kept off\"; gate there 0.12). Read by the concept judge of §3 (detected: p > 0.5) "
+             "and the attribute judge.", "",
              "| key-locking | beta | applied | prompt | concept | images | concept detected | background | two objects |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in companions["rows"]:
-        lines.append(f"| {row['locking']} | {row['beta']:g} | {row['applied']} | {row['prompt']} | {row['concept']} | "
+        other_beta = f" (the other at beta {row['other_beta']:g})" if "other_beta" in row else ""
+        lines.append(f"| {row['locking']} | {row['beta']:g} | {row['applied']}{other_beta} | {row['prompt']} | {row['concept']} | "
                      f"{row['images']} | "
                      f"{row['concept_detected']:.0%} | {row['background']:.0%} | {row['two_objects']:.0%} |")
     lines += ["", "Reading (the decision rule of issue 20's first step, on counts pooled over both key-lockings and "
               "both concepts; Fisher's exact test): " + " ".join(companions_reading(companions["rows"])), "",
+              "Per concept (pooled over both key-lockings and betas): " + " ".join(per_concept_reading(companions)), "",
               f"Wall time of the sampled part: {companions['seconds'] / 60:.1f} min.", ""]
     return lines
+
+
+def per_concept_reading(companions: dict) -> list[str]:
+    """Each concept on its own: the control, its companion prompts applied alone, with the combined set, and
+    with the other concept's gate kept off its word (its beta raised above its gate input there, as the apply
+    node's warning advises). Pooling both concepts hides a concept that is rendered behind one that is not."""
+    import front as front_module
+    rows = companions["rows"]
+
+    def count(concept: str, prompt: str, combined: bool | None = None):
+        picked = [r for r in rows if r["concept"] == concept and r["prompt"] == prompt
+                  and (combined is None or ("+" in r["applied"]) == combined)]
+        return sum(round(r["concept_detected"] * r["images"]) for r in picked), sum(r["images"] for r in picked)
+
+    def p(a, b):
+        return front_module.fisher(a[0] / a[1], a[1], b[0] / b[1], b[1])
+
+    text = []
+    for concept in sorted({r["concept"] for r in rows if r["concept"] != "both"}):
+        control, alone = count(concept, "concept only"), count(concept, "with a world object", False)
+        combined = count(concept, "with a world object", True)
+        kept = count(concept, "with a world object, other's gate kept off")
+        sentence = (f"{concept}: the control {control[0]} of {control[1]}; with a world object, applied alone "
+                    f"{alone[0]} of {alone[1]}, with the combined set {combined[0]} of {combined[1]} (p = "
+                    f"{p(alone, combined):.2g} against alone)")
+        if kept[1]:
+            others = sorted({r["other_beta"] for r in rows if r["concept"] == concept and "other_beta" in r})
+            sentence += (f", with the other concept's gate kept off its word (the other's beta "
+                         f"{'/'.join(f'{b:g}' for b in others)}) {kept[0]} of {kept[1]} (p = {p(combined, kept):.2g} "
+                         f"against the combined set, {p(alone, kept):.2g} against alone)")
+            if p(alone, combined) < 0.05 and p(combined, kept) < 0.05 and p(alone, kept) >= 0.05:
+                sentence += ("; the combined set costs it what the other concept's gate on its word adds, and "
+                             "keeping that gate shut gives it back")
+        text.append(sentence + ".")
+    return text
 
 
 def companions_reading(rows: list[dict]) -> list[str]:
