@@ -96,8 +96,8 @@ def check_separable(concepts: list[Concept], limit: float = 1e-3) -> None:
 def warn_about_crossed_gates(applied, first_new: int = 0) -> None:
     """Warn when concept a's gate opens at least half on concept b's word: a's gate input at b's trained
     encoding, r_ab = u_aᵀ i*_b / E_a (rank1.metric_gram), at or above a's beta. Then embedding:b also takes part
-    of a's value: the two look alike in the metric of C, as two concepts trained without masks on the same
-    backgrounds can (docs/method.md §2). Only pairs with a concept from applied[first_new:], so that a chain of
+    of a's value: the two look alike in the metric of C, as two concepts trained on similar photos can
+    (docs/method.md §2). Only pairs with a concept from applied[first_new:], so that a chain of
     apply nodes warns about each pair once."""
     if len(applied) < 2:
         return
@@ -107,13 +107,27 @@ def warn_about_crossed_gates(applied, first_new: int = 0) -> None:
     for a, mine in enumerate(applied):
         for b, other in enumerate(applied):
             if a != b and max(a, b) >= first_new and r[a, b] >= mine.beta:
-                gate = float(rank1.gate(r[a, b], torch.tensor(mine.beta, dtype=r.dtype), mine.tau))
                 log.warning("Perfusion: concept '%s' opens its gate on the word of '%s' too (gate input %.2f there, "
                             "beta %.2f: gate %.2f), so embedding:%s also takes part of '%s'. The two look alike to the "
-                            "text encoder, as concepts trained on the same backgrounds without masks can. Raise the "
-                            "beta of '%s' above %.2f, or retrain them with masks.", mine.concept.name,
-                            other.concept.name, r[a, b], mine.beta, gate, other.concept.name, mine.concept.name,
-                            mine.concept.name, r[a, b])
+                            "text encoder, as concepts trained on similar photos can. %s", mine.concept.name,
+                            other.concept.name, r[a, b], mine.beta, _gate(r[a, b], mine), other.concept.name,
+                            mine.concept.name, _crossed_gate_advice(mine, float(r[a, b])))
+
+
+def _gate(r, applied) -> float:
+    return float(rank1.gate(torch.as_tensor(r, dtype=torch.float64), applied.beta, applied.tau))
+
+
+def _crossed_gate_advice(applied, r_other: float) -> str:
+    """A beta of r + 2τ shuts the gate on the other word to σ(−2) = 0.12; it helps while the gate on the concept's
+    own word (gate input 1) stays more than half open, i.e. r + 2τ < 1."""
+    beta = r_other + 2 * applied.tau
+    if beta < 1:
+        own = _gate(1.0, replace(applied, beta=beta))
+        return (f"Give '{applied.concept.name}' its own apply node with beta {beta:.2f} (its gate then 0.12 there "
+                f"and {own:.2f} on its own word).")
+    return (f"No beta separates them: one that shuts '{applied.concept.name}' there also shuts it on its own word. "
+            "Retrain them with masks or with more distinct photos.")
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,6 +9,7 @@
 """
 import importlib
 import logging
+import math
 
 import pytest
 import torch
@@ -567,7 +568,13 @@ def test_a_gate_that_opens_on_another_concepts_word_warns_once_per_pair(sd1, cap
     assert len(warned) == 1, warned
     assert f"concept '{a.name}' opens its gate on the word of 'b'" in warned[0]
     assert f"gate input {r_ab:.2f}" in warned[0] and "beta 0.70" in warned[0]
-    # chained: b applied after a with its own beta, below r_ba: b now warns about a as well
+    assert "No beta separates them" in warned[0]  # r_ab + 2 tau > 1: a beta that shuts it there shuts it everywhere
+    # chained: b applied after a with its own beta, below r_ba: b now warns about a as well, and a beta of
+    # r_ba + 2 tau would shut b's gate on a's word while leaving it open on its own
     warned = crossed(lambda: apply_concepts(apply_concepts(model, [a], beta=0.7), [b], beta=0.5))
     assert sorted(m.split("'")[1] for m in warned) == sorted([a.name, "b"]), warned
-    assert any(f"gate input {r_ba:.2f}" in m and "beta 0.50" in m for m in warned), warned
+    about_b = next(m for m in warned if m.startswith("Perfusion: concept 'b'"))
+    shut = r_ba + 2 * 0.15
+    own_gate = 1 / (1 + math.exp(-(1 - shut) / 0.15))
+    assert f"gate input {r_ba:.2f}" in about_b and "beta 0.50" in about_b, about_b
+    assert f"own apply node with beta {shut:.2f} (its gate then 0.12 there and {own_gate:.2f} on its own word)" in about_b
