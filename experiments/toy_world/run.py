@@ -270,17 +270,15 @@ def _stage(report_only: bool, results_name: str, run, write, uses_base: bool = T
 
 def write_gates_report():
     """The gate-calibration section of REPORT.md from gates.json (report.gates_section)."""
-    import datetime
     import report
     gates = json.loads((HERE / "gates.json").read_text())
-    body = report.gates_section(gates, _command_for(gates["base"]), gates.get("machine") or _machine(),
-                                datetime.date.today().isoformat())
+    body = report.gates_section(gates, _command_for(gates["base"]), gates["machine"],
+                                gates["date"])
     report.replace_section(HERE / "REPORT.md", report.GATES_HEADING, body)
 
 
 def write_composition_report():
     """Section 7 of REPORT.md from composition.json (report.composition_section)."""
-    import datetime
     import report
     composition = json.loads((HERE / "composition.json").read_text())
     companions_file = HERE / "companions.json"
@@ -289,8 +287,8 @@ def write_composition_report():
         log.warning("companions.json ran on %s, composition.json on %s: §7 leaves the companions out",
                     companions.get("base"), composition["base"])
         companions = None
-    body = report.composition_section(composition, _command_for(composition["base"]), composition.get("machine") or _machine(),
-                                      datetime.date.today().isoformat(), companions)
+    body = report.composition_section(composition, _command_for(composition["base"]), composition["machine"],
+                                      composition["date"], companions)
     report.replace_section(HERE / "REPORT.md", report.COMPOSITION_HEADING, body)
 
 
@@ -315,25 +313,23 @@ def shape_figure(path: Path) -> None:
 
 def write_shape_report():
     """Section 9 of REPORT.md from shape.json (report.shape_section)."""
-    import datetime
     import report
     result = json.loads((HERE / "shape.json").read_text())
-    body = report.shape_section(result, COMMAND + " --until shape", result.get("machine") or _machine(),
-                                datetime.date.today().isoformat())
+    body = report.shape_section(result, COMMAND + " --until shape", result["machine"],
+                                result["date"])
     report.replace_section(HERE / "REPORT.md", report.SHAPE_HEADING, body)
 
 
 def write_front_report():
     """Section 8 of REPORT.md and its figure from front.json (report.front_section)."""
-    import datetime
     import report
     front = json.loads((HERE / "front.json").read_text())
     diagnosis = json.loads((HERE / "diagnose.json").read_text()) if (HERE / "diagnose.json").is_file() else None
     for prompt_set in (front["prompts"] if front.get("recipe") is not None else []):  # sampled only if learnable
         report.front_plot({"sweeps": report.front_sweeps(front, prompt_set)}, HERE / "figures" / f"front_{prompt_set}.png",
                           "alignment", f"alignment: {report.SET_ALIGNMENT[prompt_set]} (share of images)")
-    body = report.front_section(front, _command_for(front["base"]), front.get("machine") or _machine(),
-                                datetime.date.today().isoformat(), diagnosis,
+    body = report.front_section(front, _command_for(front["base"]), front["machine"],
+                                front["date"], diagnosis,
                                 {f"base-{cache.key(cfg)}": name for name, cfg in BASES.items()})
     report.replace_section(HERE / "REPORT.md", report.FRONT_HEADING, body)
     report.replace_narrative(HERE / "REPORT.md", (HERE / "narrative.md").read_text())
@@ -346,10 +342,12 @@ def _command_for(base_folder: str) -> str:
 
 
 def _record_machine(results_file: Path, uses_base: bool = True) -> None:
-    """Add the machine the stage just ran on (its torch threads included) and its base model, if it uses one, to
-    its results, for reports written later by another process."""
+    """Add the machine the stage just ran on (its torch threads included), the date and its base model, if it uses
+    one, to its results, for reports written later by another process."""
+    import datetime
     results = json.loads(results_file.read_text())
     results["machine"] = _machine()
+    results["date"] = datetime.date.today().isoformat()
     if uses_base:
         results["base"] = f"base-{cache.key(base_config)}"
     results_file.write_text(json.dumps(results, indent=1))
