@@ -392,8 +392,32 @@ def test_per_concept_reading_keeps_each_concept_apart():
             "gate shut gives it back.") in text
     assert "tw_star: the control 0 of 24; with a world object, applied alone 0 of 24, with the combined set 0 of 24" in text
     assert "both:" not in text
+    assert "by training seed" not in text  # one seed: nothing to split
     rows[-1] = {**rows[-1], "concept_detected": 0.0}  # keeping the other's gate off gives nothing back
     assert "gives it back" not in " ".join(report.per_concept_reading({"rows": rows}))
+
+
+def test_per_concept_reading_pools_training_seeds_and_gives_each_seed():
+    """With concepts of several training seeds, the reading pools them and lists each seed's counts (applied
+    alone, combined, the other's gate kept off), each from that seed's rows only."""
+    import report
+
+    def row(seed, prompt, applied, detected, **extra):
+        return {"seed": seed, "locking": "local", "beta": 0.4, "applied": applied, "prompt": prompt,
+                "concept": "tw_circle", "images": 12, "concept_detected": detected / 12, "background": 1.0,
+                "two_objects": 0.5, **extra}
+    rows = [r for seed, (alone, combined, kept) in enumerate([(6, 0, 5), (3, 1, 4), (9, 2, 2)])
+            for r in (row(seed, "concept only", "tw_circle", alone),
+                      row(seed, "with a world object", "tw_circle", alone),
+                      row(seed, "with a world object", "tw_circle+tw_star", combined),
+                      row(seed, "with a world object, other's gate kept off", "tw_circle+tw_star", kept,
+                          other_beta=0.9 + seed / 100))]
+    text = " ".join(report.per_concept_reading({"rows": rows}))
+    assert ("tw_circle: the control 18 of 36; with a world object, applied alone 18 of 36, with the combined set "
+            "3 of 36") in text
+    assert "(the other's beta 0.9/0.91/0.92) 11 of 36" in text
+    assert ("(by training seed, applied alone, combined, other's gate kept off: seed 0: 6, 0, 5 of 12; "
+            "seed 1: 3, 1, 4 of 12; seed 2: 9, 2, 2 of 12).") in text
 
 
 def test_composition_reading_says_whether_combining_changes_the_edit():

@@ -138,15 +138,34 @@ def run_composition(ckpt_path: Path, out_dir: Path) -> dict:
 
 
 def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
+    """The sampled companion prompts for the concepts of each training seed (front.SEEDS, issue 20 item 4);
+    companions.json is rewritten after every seed."""
     import judges
-    concepts_dir = experiments.concepts_folder(ckpt_path, TRAIN)
-    pack = experiments._setup(ckpt_path, concepts_dir)
-    runner = comfy_graphs.Runner()
-    files = experiments.train_concepts(runner, ckpt_path.name, concepts_dir, ["perfusion"], TRAIN)["files"]["perfusion"]
     attribute_judge, concept_judge = judges.load_judges(judge_path)
-    a, b = sorted(world.CONCEPTS)
-    cross_r = cross_gate_inputs(pack, {name: concepts_dir / files[name] for name in (a, b)})
-    t0 = time.time()
+    results = {"sampling": experiments.SAMPLING, "tau": TAU, "train": TRAIN, "seeds": list(front.SEEDS),
+               "cross_r": {}, "training_seconds": {}, "rows": [], "seconds": 0.0}
+    for seed in front.SEEDS:
+        train = {**TRAIN, "seed": seed}
+        concepts_dir = experiments.concepts_folder(ckpt_path, train)
+        pack = experiments._setup(ckpt_path, concepts_dir)
+        runner = comfy_graphs.Runner()  # a fresh executor: each seed's concept files have the same names
+        trained = experiments.train_concepts(runner, ckpt_path.name, concepts_dir, ["perfusion"], train)
+        files = trained["files"]["perfusion"]
+        t0 = time.time()
+        cross_r = cross_gate_inputs(pack, {name: concepts_dir / files[name] for name in sorted(files)})
+        rows = _companion_rows(runner, ckpt_path.name, files, cross_r, attribute_judge, concept_judge)
+        results["cross_r"][str(seed)] = cross_r
+        results["training_seconds"][str(seed)] = trained["seconds"]
+        results["rows"] += [{"seed": seed, **row} for row in rows]
+        results["seconds"] += time.time() - t0
+        (out_dir / "companions.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _companion_rows(runner, ckpt_name: str, files: dict, cross_r: dict, attribute_judge, concept_judge) -> list[dict]:
+    """Every key-locking and beta: the companion prompts with each concept applied alone and with the combined
+    set, the control, both concepts in one prompt, and the other concept's gate kept off."""
+    a, b = sorted(files)
     rows = []
     for locking in ("local", "global"):
         for beta in BETAS:
@@ -164,7 +183,7 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
                     prompts.update({f"two|{x}+{y}|{bg}": (f"a embedding:{x} and a embedding:{y} on {bg}", "+".join(applied),
                                                           bg)
                                     for bg in experiments.CONTEXT_BACKGROUNDS for x, y in (applied, applied[::-1])})
-                runner.run(comfy_graphs.sample_graph(ckpt_path.name, {t: p for t, (p, _, _) in prompts.items()},
+                runner.run(comfy_graphs.sample_graph(ckpt_name, {t: p for t, (p, _, _) in prompts.items()},
                                                      experiments.SAMPLING, [spec]))
                 setting = {"locking": locking, "beta": beta, "applied": "+".join(applied)}
                 for kind, prompt in (("companion", "with a world object"), ("alone", "concept only")):
@@ -175,12 +194,9 @@ def run_companions(ckpt_path: Path, judge_path: Path, out_dir: Path) -> dict:
                             rows.append(_detection_row({**setting, "prompt": prompt}, concept, batches,
                                                        attribute_judge, concept_judge))
                 rows += _two_concept_rows(prompts, setting, applied, attribute_judge, concept_judge)
-            rows += _other_gate_kept_off_rows(runner, ckpt_path.name, files, cross_r, locking, beta,
+            rows += _other_gate_kept_off_rows(runner, ckpt_name, files, cross_r, locking, beta,
                                               attribute_judge, concept_judge)
-    results = {"sampling": experiments.SAMPLING, "tau": TAU, "train": TRAIN, "cross_r": cross_r, "rows": rows,
-               "seconds": time.time() - t0}
-    (out_dir / "companions.json").write_text(json.dumps(results, indent=1))
-    return results
+    return rows
 
 
 def cross_gate_inputs(pack, paths: dict) -> dict:

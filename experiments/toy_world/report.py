@@ -392,17 +392,22 @@ def companions_lines(companions: dict, command: str) -> list[str]:
              "found in one image); and, as the apply node's warning advises, each concept's companion prompts with "
              "the other concept chained after it at a beta raised to its gate input on this concept's word plus 2 "
              "tau (\"other's gate kept off\"; gate there 0.12). Read by the concept judge of §3 (detected: p > 0.5) "
-             "and the attribute judge.", "",
-             "| key-locking | beta | applied | prompt | concept | images | concept detected | background | two objects |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "and the attribute judge. The concepts were trained with each of the training seeds "
+             f"{', '.join(str(seed) for seed in companions.get('seeds', [0]))} (the token tables above: seed "
+             f"{companions['train']['seed']}).", "",
+             "| training seed | key-locking | beta | applied | prompt | concept | images | concept detected | background "
+             "| two objects |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in companions["rows"]:
         other_beta = f" (the other at beta {row['other_beta']:g})" if "other_beta" in row else ""
-        lines.append(f"| {row['locking']} | {row['beta']:g} | {row['applied']}{other_beta} | {row['prompt']} | {row['concept']} | "
+        lines.append(f"| {row.get('seed', 0)} | {row['locking']} | {row['beta']:g} | {row['applied']}{other_beta} | "
+                     f"{row['prompt']} | {row['concept']} | "
                      f"{row['images']} | "
                      f"{row['concept_detected']:.0%} | {row['background']:.0%} | {row['two_objects']:.0%} |")
     lines += ["", "Reading (the decision rule of issue 20's first step, on counts pooled over both key-lockings and "
               "both concepts; Fisher's exact test): " + " ".join(companions_reading(companions["rows"])), "",
-              "Per concept (pooled over both key-lockings and betas): " + " ".join(per_concept_reading(companions)), "",
+              "Per concept (pooled over both key-lockings, betas and training seeds): "
+              + " ".join(per_concept_reading(companions)), "",
               f"Wall time of the sampled part: {companions['seconds'] / 60:.1f} min.", ""]
     return lines
 
@@ -413,10 +418,12 @@ def per_concept_reading(companions: dict) -> list[str]:
     node's warning advises). Pooling both concepts hides a concept that is rendered behind one that is not."""
     import front as front_module
     rows = companions["rows"]
+    seeds = sorted({r.get("seed", 0) for r in rows})
 
-    def count(concept: str, prompt: str, combined: bool | None = None):
+    def count(concept: str, prompt: str, combined: bool | None = None, seed: int | None = None):
         picked = [r for r in rows if r["concept"] == concept and r["prompt"] == prompt
-                  and (combined is None or ("+" in r["applied"]) == combined)]
+                  and (combined is None or ("+" in r["applied"]) == combined)
+                  and (seed is None or r.get("seed", 0) == seed)]
         return sum(round(r["concept_detected"] * r["images"]) for r in picked), sum(r["images"] for r in picked)
 
     def p(a, b):
@@ -438,6 +445,14 @@ def per_concept_reading(companions: dict) -> list[str]:
             if p(alone, combined) < 0.05 and p(combined, kept) < 0.05 and p(alone, kept) >= 0.05:
                 sentence += ("; the combined set costs it what the other concept's gate on its word adds, and "
                              "keeping that gate shut gives it back")
+        if len(seeds) > 1:
+            settings = [("with a world object", False), ("with a world object", True)] + (
+                [("with a world object, other's gate kept off", None)] if kept[1] else [])
+            by_seed = ["seed {}: {}".format(seed, ", ".join(str(count(concept, prompt, combined, seed)[0])
+                                                             for prompt, combined in settings))
+                       + f" of {count(concept, 'with a world object', False, seed)[1]}" for seed in seeds]
+            sentence += (" (by training seed, applied alone, combined" + (", other's gate kept off" if kept[1] else "")
+                         + ": " + "; ".join(by_seed) + ")")
         text.append(sentence + ".")
     return text
 
