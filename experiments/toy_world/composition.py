@@ -236,14 +236,9 @@ def _detection_row(setting: dict, concept: str, batches: list, attribute_judge, 
     """A row of the companions table: how often the concept judge finds `concept` in the batches [(images, the
     prompt's background)], and the attribute judge the background and two objects."""
     import numpy as np
-    found, background, two = [], [], []
-    for images, bg in batches:
-        found += list(concept_judge.probabilities(images)[concept] > 0.5)
-        right_background, two_objects = _attributes(attribute_judge, images, bg)
-        background += right_background
-        two += two_objects
+    found = [hit for images, _ in batches for hit in concept_judge.probabilities(images)[concept] > 0.5]
     row = {**setting, "concept": concept, "images": len(found), "concept_detected": float(np.mean(found)),
-           "background": float(np.mean(background)), "two_objects": float(np.mean(two))}
+           **_attribute_rates(attribute_judge, batches)}
     log.info("companions: %s", row)
     return row
 
@@ -260,21 +255,19 @@ def _two_concept_rows(prompts: dict, setting: dict, applied: list, attribute_jud
     probabilities = concept_judge.probabilities(images)
     found = {name: probabilities[name] > 0.5 for name in applied}
     found["both"] = np.logical_and.reduce([found[name] for name in applied])
-    background, two = [], []
-    for tag, batch in zip(tags, batches):
-        right_background, two_objects = _attributes(attribute_judge, batch, prompts[tag][2])
-        background += right_background
-        two += two_objects
+    attributes = _attribute_rates(attribute_judge, [(batch, prompts[tag][2]) for tag, batch in zip(tags, batches)])
     rows = [{**setting, "prompt": "both concepts", "concept": name, "images": len(images),
-             "concept_detected": float(np.mean(hits)), "background": float(np.mean(background)),
-             "two_objects": float(np.mean(two))}
+             "concept_detected": float(np.mean(hits)), **attributes}
             for name, hits in found.items()]
     for row in rows:
         log.info("companions: %s", row)
     return rows
 
 
-def _attributes(attribute_judge, images, background: str) -> tuple[list[bool], list[bool]]:
-    """Per image, whether the attribute judge reads the prompt's background, and two objects."""
-    predicted = attribute_judge.predict(images)
-    return [p["background"] == background for p in predicted], [p["count"] == "2" for p in predicted]
+def _attribute_rates(attribute_judge, batches: list) -> dict:
+    """The share of images in which the attribute judge reads the prompt's background, and two objects;
+    batches [(images, the prompt's background)]."""
+    import numpy as np
+    predicted = [(p, bg) for images, bg in batches for p in attribute_judge.predict(images)]
+    return {"background": float(np.mean([p["background"] == bg for p, bg in predicted])),
+            "two_objects": float(np.mean([p["count"] == "2" for p, _ in predicted]))}

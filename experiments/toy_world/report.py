@@ -448,9 +448,10 @@ def per_concept_reading(companions: dict) -> list[str]:
         if len(seeds) > 1:
             settings = [("with a world object", False), ("with a world object", True)] + (
                 [("with a world object, other's gate kept off", None)] if kept[1] else [])
-            by_seed = ["seed {}: {}".format(seed, ", ".join(str(count(concept, prompt, combined, seed)[0])
-                                                             for prompt, combined in settings))
-                       + f" of {count(concept, 'with a world object', False, seed)[1]}" for seed in seeds]
+            by_seed = []
+            for seed in seeds:
+                counts = [count(concept, prompt, combined, seed) for prompt, combined in settings]
+                by_seed.append(f"seed {seed}: {', '.join(str(k) for k, _ in counts)} of {counts[0][1]}")
             sentence += (" (by training seed, applied alone, combined" + (", other's gate kept off" if kept[1] else "")
                          + ": " + "; ".join(by_seed) + ")")
         text.append(sentence + ".")

@@ -261,10 +261,10 @@ def main():
 
 def _stage(report_only: bool, results_name: str, run, write, uses_base: bool = True) -> None:
     """Run a stage (unless --report-only finds its results), stamp its results with the machine and the base it
-    ran on (_record_machine), and write its section of REPORT.md."""
+    ran on (_record_run), and write its section of REPORT.md."""
     if not (report_only and (HERE / results_name).is_file()):
         run()
-        _record_machine(HERE / results_name, uses_base)
+        _record_run(HERE / results_name, uses_base)
     write()
 
 
@@ -341,7 +341,7 @@ def _command_for(base_folder: str) -> str:
     return COMMAND + ("" if name == "default" else f" --base {name}")
 
 
-def _record_machine(results_file: Path, uses_base: bool = True) -> None:
+def _record_run(results_file: Path, uses_base: bool = True) -> None:
     """Add the machine the stage just ran on (its torch threads included), the date and its base model, if it uses
     one, to its results, for reports written later by another process."""
     import datetime
